@@ -1,0 +1,82 @@
+"""dcheckpoint._comm: gather / broadcast / barrier, in one process and under mpiexec."""
+
+from pathlib import Path
+
+import pytest
+from mp_util import results, run_launch
+
+from dcheckpoint import _comm
+from dcheckpoint.errors import CoordinationTimeoutError
+
+WORKERS = Path(__file__).parent / "workers"
+HINT = "a peer process may have crashed or be stuck; possible fixes:"
+
+
+def test_local_communicator_returns_its_own_payloads():
+    comm = _comm.LocalCommunicator()
+    assert (comm.process_index, comm.process_count, comm.is_coordinator) == (0, 1, True)
+    assert comm.gather(b"manifest", tag="save manifests", timeout_secs=1) == [b"manifest"]
+    assert comm.broadcast(b"ok", tag="commit outcome", timeout_secs=1) == b"ok"
+    comm.barrier(tag="done", timeout_secs=1)
+
+
+def test_coordinator_must_broadcast_bytes():
+    with pytest.raises(ValueError, match="coordinator must pass bytes to broadcast commit"):
+        _comm.LocalCommunicator().broadcast(None, tag="commit", timeout_secs=1)
+
+
+def test_timeout_must_be_positive():
+    with pytest.raises(ValueError, match="timeout_secs must be positive, got 0"):
+        _comm.LocalCommunicator().gather(b"", tag="x", timeout_secs=0)
+
+
+def test_default_communicator_of_a_single_process_is_local_and_cached():
+    comm = _comm.default_communicator()
+    assert isinstance(comm, _comm.LocalCommunicator)
+    assert _comm.default_communicator() is comm
+
+
+def test_timeout_error_is_a_coordination_timeout_and_a_timeout():
+    assert issubclass(CoordinationTimeoutError, TimeoutError)
+
+
+@pytest.mark.parametrize("processes", [2, 3])
+def test_collectives_and_timeouts_under_mpiexec(processes):
+    completed = run_launch(
+        WORKERS / "comm_worker.py", processes=processes, devices_per_process=1, timeout=60
+    )
+    ranks = results(completed)
+    assert [r["rank"] for r in ranks] == list(range(processes))
+    last = processes - 1
+    # Payload r is 22 bytes of JSON plus r * 200 KB of padding.
+    gathered = [[22 + 200_000 * r, r] for r in range(processes)]
+    for rank, result in enumerate(ranks):
+        assert result["default_type"] == "MPICommunicator"
+        assert result["default_is_cached"] is True
+        for kind in ("mpi", "jax"):
+            assert result[kind] == {
+                "gathered": gathered if rank == 0 else None,
+                "broadcast": "decision",
+                "index": rank,
+                "count": processes,
+            }
+        # The background thread's broadcast and the user's Allreduce(rank) both completed.
+        assert result["beside_user_mpi"] == f"background:{sum(range(processes))}"
+        for kind in ("mpi_timeouts", "jax_timeouts"):
+            errors = result[kind]
+            if rank == 0:
+                assert errors["gather"] == (
+                    f"Timed out after 0.5s waiting for save manifests from processes [{last}]: "
+                    f"{HINT} look for an earlier error in the other processes' output; make "
+                    "sure every process makes the same checkpoint calls in the same order; "
+                    "raise CheckpointOptions(timeout_secs=...) if storage is slow"
+                )
+                assert "broadcast" not in errors
+            else:
+                # Small payloads are sent eagerly: a sender does not wait for the receiver.
+                assert errors.get("gather") is None
+                assert errors["broadcast"].startswith(
+                    f"Timed out after 0.5s waiting for commit outcome from processes [0]: {HINT}"
+                )
+            if rank == last:
+                assert "gather" not in errors
