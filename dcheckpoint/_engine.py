@@ -1,0 +1,344 @@
+"""The storage engine: save a set of named arrays as one atomic checkpoint, restore any
+subset onto any sharding.
+
+Save protocol (one gather and one broadcast of small JSON per save, plus the id):
+
+1. (coordinator) choose a save id; (all) receive it.
+2. (all) write the chunks this process owns (replica 0 shards) into the staging
+   location ``<prefix>.tmp-<id>/``; processes never write the same file.
+3. (all) send a manifest of what was written, or the local error, to the coordinator.
+4. (coordinator) check that every chunk of every array was written exactly once,
+   write each array's ``zarr.json``, the group nodes, then the metadata file; fsync;
+   rename the staging directory to ``<prefix>``.
+5. (all) receive the outcome: every process returns the same path or raises the same
+   error.
+
+Restore needs no coordination: each process reads the metadata, then only the slices
+its own devices need, straight into arrays for those devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import Future
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _tensorstore as tsio
+from . import errors
+from ._comm import Communicator, default_communicator
+from ._metadata import (
+    MAX_METADATA_BYTES,
+    METADATA_FILE,
+    CheckpointMetadata,
+    decode_metadata,
+    encode_metadata,
+)
+from ._options import CheckpointOptions
+from ._plan import SavePlan, plan_read, plan_save
+from ._storage import fsync_tree, open_storage
+from .errors import CheckpointError, CheckpointNotFoundError, CoordinationError
+
+__all__ = ["save_arrays", "plan_save", "snapshot", "write_and_commit", "read_metadata",
+           "restore_arrays", "is_committed"]
+
+
+def save_arrays(
+    directory: str,
+    arrays: Mapping[str, Any],
+    *,
+    object_graph: Any = None,
+    options: CheckpointOptions | None = None,
+    comm: Communicator | None = None,
+) -> str:
+    """Saves ``{logical path: array}`` as one committed checkpoint at ``directory``.
+
+    Collective: every process calls it with the same paths. See the module docstring
+    for the protocol.
+
+    Returns:
+      ``directory``, on every process.
+    Raises:
+      CheckpointError: on every process, if any process failed to write.
+    """
+    comm = comm or default_communicator()
+    plan = plan_save(arrays, is_coordinator=comm.is_coordinator)
+    return write_and_commit(directory, plan, object_graph=object_graph, options=options,
+                            comm=comm)
+
+
+def snapshot(plan: SavePlan) -> SavePlan:
+    """Copies this process's shards to host memory, so the caller may drop the arrays.
+
+    All device-to-host transfers are started before the first one is awaited.
+    """
+    for item in plan.writes:
+        if isinstance(item.data, jax.Array):
+            item.data.copy_to_host_async()
+    writes = tuple(
+        type(item)(item.path, item.index, item.chunk, np.array(item.data, copy=True))
+        for item in plan.writes
+    )
+    return SavePlan(arrays=plan.arrays, writes=writes)
+
+
+def write_and_commit(
+    directory: str,
+    plan: SavePlan,
+    *,
+    object_graph: Any = None,
+    options: CheckpointOptions | None = None,
+    comm: Communicator | None = None,
+) -> str:
+    """Steps 1-5 of the save protocol for an already planned save."""
+    options = options or CheckpointOptions()
+    comm = comm or default_communicator()
+    timeout = options.timeout_secs
+    target = open_storage(directory)
+
+    # 1. (coordinator) choose the save id; (all) receive it.
+    save_id = uuid.uuid4().hex[:12] if comm.is_coordinator else None
+    save_id = comm.broadcast(
+        save_id.encode() if save_id else None, tag="save id", timeout_secs=timeout
+    ).decode()
+    staged = target.staging(save_id)
+
+    # 2. (all) write owned chunks; 3. (all) report them to the coordinator.
+    manifest: dict[str, Any] = {"process": comm.process_index, "arrays": _table_digest(plan)}
+    try:
+        manifest["chunks"] = _write_chunks(staged, plan, options.compression)
+    except Exception as e:  # reported to every process through the coordinator
+        manifest["error"] = f"process {comm.process_index}: {_describe(e)}"
+        local_error = e
+    else:
+        local_error = None
+    manifests = comm.gather(json.dumps(manifest).encode(), tag="save manifests",
+                            timeout_secs=timeout)
+
+    # 4. (coordinator) verify and commit.
+    outcome = None
+    if comm.is_coordinator:
+        try:
+            reports = [json.loads(m) for m in manifests]
+            _check_manifests(directory, plan, reports)
+            _commit(target, staged, plan, object_graph, options.compression, comm)
+            outcome = {"path": directory}
+        except Exception as e:
+            staged.remove_tree()  # every writer is done (they sent their manifests)
+            outcome = {"error": _describe(e), "kind": _error_kind(e)}
+            local_error = local_error or e
+
+    # 5. (all) receive the outcome.
+    outcome = json.loads(comm.broadcast(
+        json.dumps(outcome).encode() if comm.is_coordinator else None,
+        tag="save outcome", timeout_secs=timeout,
+    ))
+    if "error" in outcome:
+        error_type = getattr(errors, outcome.get("kind", ""), CheckpointError)
+        raise error_type(f"Saving checkpoint {directory!r} failed: {outcome['error']}") \
+            from local_error
+    return directory
+
+
+def _write_chunks(staged, plan: SavePlan, compression) -> dict[str, list[list[int]]]:
+    """Writes this process's chunks; returns {path: [chunk coordinates]}."""
+    by_path: dict[str, list] = {}
+    for item in plan.writes:
+        by_path.setdefault(item.path, []).append(item)
+    opens = {
+        path: tsio.open_for_write(
+            staged.kvstore_spec(plan.arrays[path].storage_path), plan.arrays[path],
+            compression, create=False,
+        )
+        for path in by_path
+    }
+    writes = []
+    for path, items in by_path.items():
+        array = opens[path].result()
+        for item in items:
+            writes.append(array[item.index].write(np.asarray(item.data)))
+    for w in writes:
+        w.result()
+    return {path: [list(i.chunk) for i in items] for path, items in by_path.items()}
+
+
+def _check_manifests(directory: str, plan: SavePlan, reports: list[dict]) -> None:
+    """(coordinator) Every chunk of every array written exactly once, by someone."""
+    failures = [r["error"] for r in reports if "error" in r]
+    if failures:
+        raise CheckpointError("; ".join(failures))
+    expected_digest = _table_digest(plan)
+    for r in reports:
+        if r["arrays"] != expected_digest:
+            raise CoordinationError(
+                f"process {r['process']} saved a different set of arrays (or shapes, "
+                "dtypes) than the coordinator; every process must save the same tree"
+            )
+    for path, meta in plan.arrays.items():
+        grid = [-(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True)]
+        expected = int(np.prod(grid)) if grid else 1
+        if 0 in meta.shape:
+            expected = 0
+        seen: dict[tuple, int] = {}
+        for r in reports:
+            for chunk in r["chunks"].get(path, []):
+                seen[tuple(chunk)] = seen.get(tuple(chunk), 0) + 1
+        twice = [list(c) for c, n in seen.items() if n > 1]
+        if twice or len(seen) != expected:
+            raise CheckpointError(
+                f"Array {path!r}: expected {expected} chunks written once each, found "
+                f"{len(seen)} distinct chunks, {len(twice)} written more than once "
+                f"(first: {twice[:3]})"
+            )
+
+
+def _commit(target, staged, plan: SavePlan, object_graph, compression, comm) -> None:
+    """(coordinator) Zarr metadata, group nodes, metadata file, fsync, publish."""
+    creates = [
+        tsio.open_for_write(staged.kvstore_spec(m.storage_path), m, compression, create=True)
+        for m in plan.arrays.values()
+    ]
+    for c in creates:
+        c.result()
+    groups = {""}
+    for m in plan.arrays.values():
+        parts = m.storage_path.split("/")[:-1]
+        groups.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+    for group in sorted(groups):
+        staged.write_bytes_atomic(os.path.join(group, "zarr.json"), tsio.group_node())
+    meta = CheckpointMetadata(
+        arrays=plan.arrays,
+        object_graph=object_graph,
+        save_time=time.time(),
+        writer={
+            "process_count": comm.process_count,
+            "hostname": socket.gethostname(),
+            "jax_version": jax.__version__,
+        },
+    )
+    fsync_tree(staged.path)
+    staged.write_bytes_atomic(METADATA_FILE, encode_metadata(meta))
+    target.publish(staged)
+
+
+def is_committed(directory: str) -> bool:
+    """Whether ``directory`` holds a committed checkpoint (its metadata file exists)."""
+    return open_storage(directory).exists(METADATA_FILE)
+
+
+def read_metadata(directory: str) -> CheckpointMetadata:
+    """Reads and validates a committed checkpoint's metadata.
+
+    Raises:
+      CheckpointNotFoundError: nothing committed at ``directory``.
+      CorruptCheckpointError: the metadata file is damaged or malformed.
+    """
+    storage = open_storage(directory)
+    if not storage.exists(METADATA_FILE):
+        why = ("the directory exists but has no metadata file: an incomplete save"
+               if storage.exists() else "no such directory")
+        raise CheckpointNotFoundError(
+            f"No committed checkpoint at {directory!r} ({why}); expected {METADATA_FILE}"
+        )
+    data = storage.read_bytes(METADATA_FILE, max_bytes=MAX_METADATA_BYTES)
+    return decode_metadata(data, source=os.path.join(directory, METADATA_FILE))
+
+
+def restore_arrays(
+    directory: str,
+    targets: Mapping[str, Any],
+    *,
+    metadata: CheckpointMetadata | None = None,
+) -> dict[str, Any]:
+    """Reads the arrays named in ``targets`` onto their target shardings.
+
+    Args:
+      targets: {logical path: a ``Sharding``, ``ShapeDtypeStruct`` with a sharding,
+        ``jax.Array`` (its sharding, shape and dtype), numpy array or None (host)}.
+    Returns:
+      {logical path: jax.Array, or numpy array for host targets}.
+    Raises:
+      CheckpointNotFoundError: no checkpoint, or no array of that path in it.
+      CheckpointMismatchError: a target expects another shape or dtype.
+      CorruptCheckpointError: stored data fails its checksum or is missing.
+    """
+    storage = open_storage(directory)
+    metadata = metadata or read_metadata(directory)
+    plans = {}
+    for path, target in targets.items():
+        meta = metadata.arrays.get(path)
+        if meta is None:
+            raise CheckpointNotFoundError(
+                f"Array {path!r} is not in checkpoint {directory!r}; it holds "
+                f"{_preview(metadata.arrays)}"
+            )
+        plans[path] = plan_read(path, meta, target)
+    opened = {
+        path: tsio.open_for_read(
+            storage.kvstore_spec(storage_rel(storage, metadata.arrays[path].storage_path)),
+            metadata.arrays[path],
+        )
+        for path, (_, reads) in plans.items() if reads
+    }
+    pending: dict[str, list[tuple[Any, Future]]] = {}
+    for path, (_, reads) in plans.items():
+        array = _result(opened[path], path, directory) if path in opened else None
+        pending[path] = [(r, array[r.index].read()) for r in reads if array is not None]
+    results = {}
+    for path, (sharding, _) in plans.items():
+        meta = metadata.arrays[path]
+        parts = [(r, _result(f, path, directory)) for r, f in pending[path]]
+        results[path] = _assemble(meta, sharding, parts)
+    return results
+
+
+def storage_rel(storage, storage_path: str) -> str:
+    """Checks that a storage path from metadata stays inside the checkpoint."""
+    storage.resolve_inside(storage_path)
+    return storage_path
+
+
+def _assemble(meta, sharding, parts):
+    if sharding is None:
+        return parts[0][1] if parts else np.zeros(meta.shape, meta.dtype)
+    shards = []
+    for read, data in parts:
+        shards.extend(jax.device_put(data, d) for d in read.devices)
+    if not parts:  # zero-size array
+        return jax.device_put(np.zeros(meta.shape, meta.dtype), sharding)
+    return jax.make_array_from_single_device_arrays(meta.shape, sharding, shards)
+
+
+def _result(future, path: str, directory: str):
+    try:
+        return future.result()
+    except (ValueError, RuntimeError, OSError) as e:
+        raise tsio.translate_error(e, array=path, where=directory) from e
+
+
+def _table_digest(plan: SavePlan) -> list:
+    return sorted([p, list(m.shape), m.dtype.name] for p, m in plan.arrays.items())
+
+
+def _describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _error_kind(e: Exception) -> str:
+    for cls in type(e).__mro__:
+        if cls.__module__ == errors.__name__:
+            return cls.__name__
+    return "CheckpointError"
+
+
+def _preview(arrays: Mapping) -> str:
+    names = sorted(arrays)
+    more = f" and {len(names) - 10} more" if len(names) > 10 else ""
+    return f"{names[:10]}{more}"
