@@ -1,0 +1,107 @@
+"""The save queue: synchronous and asynchronous saves, in one order on every process.
+
+All saves of a process run on one background thread, one at a time, in the order they
+were issued. That single order is what keeps the collectives of consecutive saves
+matched across processes (process 0's second save never meets process 1's first), and
+it keeps our collectives off the training thread.
+
+An async save snapshots this process's shards to host memory before returning, so the
+caller may assign, donate or delete its arrays at once; the write and the commit run
+in the background. Its error is kept and raised by the next ``save()`` or ``sync()``;
+one nobody collected is printed at interpreter exit, which also waits for the save.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from ._comm import default_communicator
+from ._engine import plan_save, snapshot, write_and_commit
+from ._options import CheckpointOptions
+
+__all__ = ["Saver"]
+
+_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcheckpoint-save")
+_UNCOLLECTED: dict[int, Future] = {}
+_LOCK = threading.Lock()
+
+
+class Saver:
+    """Runs the saves of one Checkpoint (see the module docstring)."""
+
+    def __init__(self):
+        self._pending: Future | None = None
+
+    def save(
+        self,
+        directory: str,
+        arrays: Mapping[str, Any],
+        *,
+        object_graph: Any = None,
+        options: CheckpointOptions | None = None,
+        on_commit: Callable[[str], None] | None = None,
+    ) -> str:
+        """Saves ``arrays`` at ``directory``; see ``_engine.save_arrays``.
+
+        With ``options.enable_async`` it returns once the shards are in host memory.
+        ``on_commit(path)`` runs on every process after the commit (in the background
+        for async saves).
+
+        Raises:
+          CheckpointError: this save failed (sync), or the previous async save did.
+        """
+        options = options or CheckpointOptions()
+        self.sync()
+        comm = default_communicator()
+        plan = plan_save(arrays, is_coordinator=comm.is_coordinator)
+        if options.enable_async:
+            plan = snapshot(plan)
+
+        def run() -> str:
+            path = write_and_commit(directory, plan, object_graph=object_graph,
+                                    options=options, comm=comm)
+            if on_commit is not None:
+                on_commit(path)
+            return path
+
+        future = _EXECUTOR.submit(run)
+        if not options.enable_async:
+            return future.result()
+        with _LOCK:
+            _UNCOLLECTED[id(future)] = future
+        self._pending = future
+        return directory
+
+    def sync(self) -> None:
+        """Waits for the save in flight; raises its error if it failed."""
+        future, self._pending = self._pending, None
+        if future is None:
+            return
+        with _LOCK:
+            _UNCOLLECTED.pop(id(future), None)
+        future.result()
+
+
+def wait_for_all() -> None:
+    """Waits for every save issued so far, by any Saver of this process."""
+    _EXECUTOR.submit(lambda: None).result()
+
+
+@atexit.register
+def _report_uncollected() -> None:
+    with _LOCK:
+        futures = list(_UNCOLLECTED.values())
+        _UNCOLLECTED.clear()
+    for future in futures:
+        error = future.exception()  # waits: an interpreter exit never drops a save
+        if error is not None:
+            print(
+                f"dcheckpoint: an asynchronous save failed and nobody called sync() to see "
+                f"it: {type(error).__name__}: {error}",
+                file=sys.stderr,
+            )

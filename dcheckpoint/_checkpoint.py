@@ -1,0 +1,332 @@
+"""``Checkpoint``: TensorFlow's ``tf.train.Checkpoint`` object API over JAX values.
+
+``save``/``write`` flatten the object graph (``_tracking.flatten``) and hand the arrays
+to the checkpoint's ``Saver`` (sync or async). ``restore``/``read`` read the metadata
+once and walk the *current* objects (``_Restorer``), assigning what matches, parking
+what has no object yet (deferred restoration) and recording both in the load status.
+"""
+
+from __future__ import annotations
+
+import functools
+import urllib.parse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dcheckpoint import _engine
+from dcheckpoint._async import Saver
+from dcheckpoint._status import CheckpointLoadStatus, InitializationOnlyStatus, MatchState
+from dcheckpoint._tracking import (
+    GRAPH_FORMAT,
+    LEAF_KINDS,
+    AutoTrackable,
+    children,
+    classify,
+    escape,
+    flatten,
+    join,
+    leaf_paths,
+    pytree_children,
+)
+from dcheckpoint._variable import Variable
+from dcheckpoint.errors import CheckpointMismatchError, CorruptCheckpointError
+
+__all__ = ["Checkpoint"]
+
+_SAVE_COUNTER = "save_counter"
+
+
+class _Restorer:
+    """Matches the current objects against one checkpoint's graph, path by path.
+
+    Args:
+      directory: the checkpoint directory (values are read lazily from it).
+      metadata: its ``CheckpointMetadata``.
+      state: the ``MatchState`` the load status reports from.
+      host_target: ``shape -> engine target`` for values with no sharding of their own
+        (numpy leaves); ``None`` means "host numpy".
+    """
+
+    def __init__(self, directory, metadata, state: MatchState, host_target):
+        graph = metadata.object_graph
+        if not isinstance(graph, dict) or graph.get("format") != GRAPH_FORMAT:
+            raise CorruptCheckpointError(
+                f"{directory}: object graph format is not {GRAPH_FORMAT!r} "
+                "(not written by Checkpoint, or corrupt)"
+            )
+        self._directory, self._metadata, self._state = directory, metadata, state
+        self._nodes, self._aliases = graph["nodes"], graph["aliases"]
+        self._host_target = host_target
+        self._memo: dict[int, object] = {}
+        self._keep: list[object] = []  # keeps memo ids from being reused mid-walk
+
+    def fork(self) -> _Restorer:
+        """A restorer on the same checkpoint with a fresh memo, for deferred restores."""
+        return _Restorer(self._directory, self._metadata, self._state, self._host_target)
+
+    def node(self, ckpt_path: str) -> dict | None:
+        """The checkpoint's node at ``ckpt_path``, following aliases; ``None`` if absent."""
+        return self._nodes.get(self._aliases.get(ckpt_path, ckpt_path))
+
+    def restore(self, value, ckpt_path: str, cur_path: str):
+        """Restores ``value`` from ``ckpt_path``; returns what its parent should now hold."""
+        ckpt_path = self._aliases.get(ckpt_path, ckpt_path)
+        kind = classify(value)
+        if kind is None:
+            return value
+        if id(value) in self._memo:
+            return self._memo[id(value)]
+        node = self._nodes.get(ckpt_path)
+        if node is None:
+            self._state.unmatched_objects.update(leaf_paths(value, cur_path))
+            return value
+        if kind in LEAF_KINDS:
+            new = self._restore_leaf(value, kind, node, ckpt_path, cur_path)
+        else:
+            new = self._restore_container(value, kind, node, ckpt_path, cur_path)
+        self._memo[id(value)] = new
+        self._keep.append(value)
+        return new
+
+    def _restore_leaf(self, value, kind, node, ckpt_path, cur_path):
+        if node["kind"] not in LEAF_KINDS:
+            raise CheckpointMismatchError(
+                f"{cur_path!r}: expected an array in the checkpoint at {ckpt_path!r}, "
+                f"found a {node['kind']} node"
+            )
+        meta = self._metadata.arrays.get(ckpt_path)
+        if meta is None:
+            raise CorruptCheckpointError(f"{ckpt_path!r} is in the object graph but not stored")
+        shape, dtype = tuple(value.shape), np.dtype(value.dtype)
+        if tuple(meta.shape) != shape or np.dtype(meta.dtype) != dtype:
+            raise CheckpointMismatchError(
+                f"{cur_path!r}: the object has shape {shape} dtype {dtype}, the checkpoint "
+                f"holds shape {tuple(meta.shape)} dtype {np.dtype(meta.dtype)} at {ckpt_path!r}"
+            )
+        if isinstance(value, Variable | jax.Array):
+            target = value.sharding
+        else:
+            target = self._host_target(shape)
+        array = _engine.restore_arrays(
+            self._directory, {ckpt_path: target}, metadata=self._metadata
+        )[ckpt_path]
+        self._state.consumed.add(ckpt_path)
+        if kind == "variable":
+            return value.assign(array)
+        if isinstance(value, np.generic) and isinstance(array, np.ndarray):
+            return array[()]
+        return array
+
+    def _restore_container(self, value, kind, node, ckpt_path, cur_path):
+        if node["kind"] in LEAF_KINDS:
+            raise CheckpointMismatchError(
+                f"{cur_path!r}: expected a {kind} in the checkpoint at {ckpt_path!r}, "
+                "found an array"
+            )
+        items = children(value, kind)
+        restored = self.restore_children(items, node, ckpt_path, cur_path)
+        changed = [
+            (i, new)
+            for i, ((_, old), new) in enumerate(zip(items, restored, strict=True))
+            if new is not old
+        ]
+        if kind == "pytree":
+            if not changed:
+                return value
+            return pytree_children(value)[1].unflatten(restored)
+        keys = list(value) if kind == "dict" else None
+        for i, new in changed:
+            if kind == "trackable":
+                object.__setattr__(value, items[i][0], new)
+            elif kind == "dict":
+                value[keys[i]] = new
+            else:
+                value[i] = new
+        if kind == "trackable":
+            self.defer_missing(value, items, node, ckpt_path, cur_path)
+        return value
+
+    def restore_children(self, items, node, ckpt_path, cur_path) -> list:
+        """Restores each ``(name, child)`` present in ``node``; returns the new children."""
+        saved = set(node["children"])
+        out = []
+        for name, child in items:
+            name = escape(name)
+            if name in saved:
+                out.append(self.restore(child, join(ckpt_path, name), join(cur_path, name)))
+            else:
+                self._state.unmatched_objects.update(leaf_paths(child, join(cur_path, name)))
+                out.append(child)
+        return out
+
+    def defer_missing(self, owner: AutoTrackable, items, node, ckpt_path, cur_path) -> None:
+        """Parks the checkpoint children of ``node`` that ``owner`` lacks, on ``owner``."""
+        present = {escape(name) for name, _ in items}
+        for name in node["children"]:
+            if name in present or name == _SAVE_COUNTER and not ckpt_path:
+                continue
+            attach = functools.partial(
+                self.attach, ckpt_path=join(ckpt_path, name), cur_path=join(cur_path, name)
+            )
+            owner._dc_defer(urllib.parse.unquote(name), attach)
+
+    def attach(self, value, *, ckpt_path: str, cur_path: str):
+        """Restores a value attached after the restore (deferred), with a fresh memo."""
+        return self.fork().restore(value, ckpt_path, cur_path)
+
+
+class Checkpoint(AutoTrackable):
+    """Groups trackable objects and saves/restores them together (``tf.train.Checkpoint``).
+
+    Keyword arguments (and attributes set later) become the top-level names of the
+    checkpoint; with ``root`` the root's own attributes are the top level and keyword
+    arguments are added beside them. ``save`` numbers checkpoints with ``save_counter``;
+    ``write``/``read`` are the unnumbered pair used by ``CheckpointManager``.
+
+    Args:
+      root: optional object whose children form the top level of the graph.
+      **kwargs: objects to track, by name (Variables, AutoTrackables, dicts, lists,
+        arrays, pytrees).
+
+    Raises:
+      ValueError: a keyword argument is not trackable, is named ``save_counter``, or
+        conflicts with an attribute ``root`` already has.
+
+    Example:
+      >>> model = AutoTrackable()
+      >>> model.kernel = Variable(jnp.zeros((4, 2)))
+      >>> ckpt = Checkpoint(model=model, opt_state=optax_state)
+      >>> path = ckpt.save("/tmp/run/ckpt")          # "/tmp/run/ckpt-1"
+      >>> model.kernel.assign(jnp.ones((4, 2)))
+      >>> ckpt.restore(path).assert_consumed()        # kernel is zeros again
+      >>> ckpt.save_counter.value                     # 1
+    """
+
+    def __init__(self, root=None, **kwargs):
+        object.__setattr__(self, "_dc_root", root)
+        object.__setattr__(self, "_dc_counter", None)
+        object.__setattr__(self, "_dc_saver", Saver())
+        if root is not None and classify(root) is None:
+            raise ValueError(f"Checkpoint root must be trackable, got {type(root).__name__}")
+        root_children = dict(children(root, classify(root))) if root is not None else {}
+        for key, value in sorted(kwargs.items()):
+            if key == _SAVE_COUNTER:
+                raise ValueError("'save_counter' is reserved for Checkpoint's own counter")
+            if classify(value) is None:
+                raise ValueError(
+                    f"Checkpoint was expecting a trackable object for {key!r} (a Variable, "
+                    f"AutoTrackable, dict, list, array or pytree), got {type(value).__name__}"
+                )
+            if key in root_children and root_children[key] is not value:
+                raise ValueError(
+                    f"Cannot create a Checkpoint with keyword argument {key!r} if "
+                    f"root.{key} already exists."
+                )
+            setattr(self, key, value)
+
+    @property
+    def save_counter(self) -> Variable:
+        """The number of ``save`` calls, a ``Variable`` saved and restored with the rest."""
+        if self._dc_counter is None:
+            object.__setattr__(self, "_dc_counter", Variable(jnp.zeros((), jnp.int32)))
+        return self._dc_counter
+
+    def _dc_top(self) -> list[tuple[str, object]]:
+        """The top-level ``(name, value)`` children of the graph."""
+        top = children(self, "trackable")
+        if self._dc_root is not None:
+            names = {name for name, _ in top}
+            own = children(self._dc_root, classify(self._dc_root))
+            top = [(n, v) for n, v in own if n not in names] + top
+        if self._dc_counter is not None:
+            top.append((_SAVE_COUNTER, self._dc_counter))
+        return top
+
+    def _dc_host_target(self, shape):
+        """Where values with no sharding of their own are restored: host numpy."""
+        del shape
+        return None
+
+    def save(self, file_prefix: str, options=None) -> str:
+        """Increments ``save_counter`` and writes ``f"{file_prefix}-{save_counter}"``.
+
+        Returns:
+          The checkpoint path, to pass to ``restore``.
+        """
+        counter = self.save_counter
+        counter.assign(np.asarray(counter.value) + 1)
+        return self.write(f"{file_prefix}-{int(np.asarray(counter.value))}", options)
+
+    def write(self, file_prefix: str, options=None, *, on_commit=None) -> str:
+        """Writes one checkpoint at exactly ``file_prefix``; ``save_counter`` is untouched.
+
+        Args:
+          file_prefix: the checkpoint directory to create.
+          options: ``CheckpointOptions`` (``enable_async`` returns before the write).
+          on_commit: called with the path once the checkpoint is committed.
+
+        Returns:
+          ``file_prefix``.
+        """
+        arrays, graph = flatten(self._dc_top())
+        if _SAVE_COUNTER in arrays:
+            # A host value: written once by the coordinator, whatever device holds it.
+            arrays[_SAVE_COUNTER] = np.asarray(arrays[_SAVE_COUNTER])
+        return self._dc_saver.save(
+            file_prefix, arrays, object_graph=graph, options=options, on_commit=on_commit
+        )
+
+    def restore(self, save_path: str | None, options=None):
+        """Restores a ``save`` (or ``write``) output, ``save_counter`` included.
+
+        Returns:
+          A ``CheckpointLoadStatus``; for ``save_path=None`` an
+          ``InitializationOnlyStatus`` (nothing restored, as in TF).
+
+        Raises:
+          CheckpointNotFoundError: no committed checkpoint at ``save_path``.
+          CheckpointMismatchError: an existing object's shape or dtype differs.
+        """
+        if save_path is None:
+            return InitializationOnlyStatus()
+        self.save_counter  # noqa: B018  (created now, as TF does, so it is matched)
+        return self.read(save_path, options)
+
+    def read(self, save_path: str, options=None) -> CheckpointLoadStatus:
+        """Restores a ``write`` output; creates no ``save_counter``.
+
+        Returns:
+          The ``CheckpointLoadStatus``. Values whose object does not exist yet are
+          restored when it is attached.
+        """
+        del options
+        metadata = _engine.read_metadata(save_path)
+        state = MatchState(checkpoint_paths=frozenset(metadata.arrays), save_path=str(save_path))
+        restorer = _Restorer(save_path, metadata, state, self._dc_host_target)
+        top = self._dc_top()
+        root = restorer.node("")
+        restored = restorer.restore_children(top, root, "", "")
+        for (name, old), new in zip(top, restored, strict=True):
+            if new is not old:
+                self._dc_set_top(name, new)
+        owner = self._dc_root if isinstance(self._dc_root, AutoTrackable) else self
+        restorer.defer_missing(owner, top, root, "", "")
+        return CheckpointLoadStatus(state)
+
+    def _dc_set_top(self, name: str, value) -> None:
+        """Re-assigns a rebuilt top-level value on whichever object holds it."""
+        if name in vars(self) or self._dc_root is None:
+            object.__setattr__(self, name, value)
+        elif isinstance(self._dc_root, dict):
+            key = next(k for k in self._dc_root if str(k) == name)
+            self._dc_root[key] = value
+        elif isinstance(self._dc_root, list):
+            self._dc_root[int(name)] = value
+        else:
+            object.__setattr__(self._dc_root, name, value)
+
+    def sync(self) -> None:
+        """Waits for an async save in flight; raises its error if it failed."""
+        self._dc_saver.sync()
