@@ -3,9 +3,12 @@
 from ._checkpoint import Checkpoint
 from ._dtensor import DTensorCheckpoint
 from ._engine import read_metadata
+from ._exporting import ExportingCheckpointManager, LoadedSavedModel, load_savedmodel
+from ._manager import CheckpointManager, checkpoints_iterator, wait_for_new_checkpoint
 from ._metadata import ArrayMetadata, CheckpointMetadata
 from ._options import CheckpointOptions
 from ._pytree import restore_pytree, save_pytree
+from ._state_file import CheckpointState, get_checkpoint_state, latest_checkpoint
 from ._status import CheckpointAssertionError, CheckpointLoadStatus, InitializationOnlyStatus
 from ._tracking import AutoTrackable
 from ._variable import Variable
@@ -25,6 +28,15 @@ __all__ = [
     "Checkpoint",
     "CheckpointAssertionError",
     "CheckpointLoadStatus",
+    "CheckpointManager",
+    "CheckpointState",
+    "ExportingCheckpointManager",
+    "LoadedSavedModel",
+    "checkpoints_iterator",
+    "get_checkpoint_state",
+    "latest_checkpoint",
+    "load_savedmodel",
+    "wait_for_new_checkpoint",
     "DTensorCheckpoint",
     "InitializationOnlyStatus",
     "Variable",

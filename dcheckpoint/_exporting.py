@@ -1,0 +1,341 @@
+"""ExportingCheckpointManager: checkpoints plus a serving artifact under the same number.
+
+The serving artifact is JAX's counterpart of a SavedModel: the serving function
+compiled by ``jax.export`` to its portable serialized form (StableHLO, no Python), and
+the parameters it closes over, saved by the engine as an ordinary checkpoint. Layout::
+
+    <directory>/<savedmodel_name>-<N>/
+        params/                 a dcheckpoint checkpoint: leaf i of the params at "params/i"
+        serving_fn.jax_export   bytes of ``jax.export.Exported.serialize()``
+        manifest.json           written last by the coordinator: the artifact's commit marker
+
+Nothing is pickled: the function is jax.export's format only and the params are Zarr
+arrays. :func:`load_savedmodel` gives back a callable in any process, with no access
+to the Python code that defined the function.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+
+import jax
+import numpy as np
+
+from . import _engine
+from ._manager import CheckpointManager, _iterate, _wait_for_new
+from ._storage import fsync_dir
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
+
+__all__ = ["ExportingCheckpointManager", "LoadedSavedModel", "load_savedmodel"]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+FUNCTION_FILE = "serving_fn.jax_export"
+PARAMS_DIR = "params"
+_FORMAT = "dcheckpoint.SavedModel"
+_VERSION = 1
+_MAX_MANIFEST_BYTES = 1 << 20
+
+
+def _atomic_write(directory: str, name: str, data: bytes) -> None:
+    """Writes ``directory/name`` via temporary file, fsync, rename, directory fsync."""
+    temporary = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, os.path.join(directory, name))
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    fsync_dir(directory)
+
+
+def _is_committed_savedmodel(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST_FILE))
+
+
+def _delete_savedmodel(path: str) -> bool:
+    """Deletes one artifact: the manifest first, so a partial deletion is never loaded."""
+    if not os.path.isdir(path):
+        return False
+    try:
+        os.remove(os.path.join(path, MANIFEST_FILE))
+        fsync_dir(path)
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+    return True
+
+
+def _spec_of(value) -> jax.ShapeDtypeStruct:
+    """Shape and dtype only: the artifact is exported for one device, whatever the mesh."""
+    dtype = value.dtype if hasattr(value, "dtype") else np.result_type(value)
+    return jax.ShapeDtypeStruct(np.shape(value), dtype)
+
+
+class ExportingCheckpointManager(CheckpointManager):
+    """A :class:`CheckpointManager` that also exports a serving artifact on each save.
+
+    Each save first writes ``<directory>/<savedmodel_name>-<N>`` (synchronously, on
+    every process: the params are saved collectively), then the checkpoint ``N`` as
+    the plain manager does (async if the options say so). Artifacts follow the
+    checkpoints' retention: when checkpoint ``N`` is deleted, so is artifact ``N``.
+
+    Args:
+      checkpoint, directory, max_to_keep, keep_checkpoint_every_n_hours,
+      checkpoint_name, step_counter, checkpoint_interval, init_fn: as
+        :class:`CheckpointManager`.
+      serving_fn: ``serving_fn(params, *inputs) -> outputs``, traceable by ``jax.jit``.
+      params_fn: ``params_fn() -> params``, called at each save for the current
+        parameters: a pytree of arrays of standard containers (dict, list, tuple) so
+        that ``jax.export`` can serialize its structure.
+      input_specs: one ``jax.ShapeDtypeStruct`` (or pytree of them) per input; shapes
+        may use ``jax.export.symbolic_shape`` dimensions (e.g. a free batch size).
+      savedmodel_name: artifacts are ``<directory>/<savedmodel_name>-<N>``.
+      platforms: platforms to export for (``jax.export``'s argument); default: the
+        current backend.
+    """
+
+    def __init__(
+        self,
+        checkpoint,
+        directory,
+        max_to_keep,
+        keep_checkpoint_every_n_hours=None,
+        checkpoint_name="ckpt",
+        step_counter=None,
+        checkpoint_interval=None,
+        init_fn=None,
+        *,
+        serving_fn,
+        params_fn,
+        input_specs,
+        savedmodel_name="savedmodel",
+        platforms=None,
+    ):
+        if savedmodel_name == checkpoint_name:
+            raise ValueError(
+                f"savedmodel_name and checkpoint_name must differ, both are {savedmodel_name!r}"
+            )
+        self._serving_fn = serving_fn
+        self._params_fn = params_fn
+        self._input_specs = tuple(input_specs)
+        self._savedmodel_name = savedmodel_name
+        self._platforms = platforms
+        self._savedmodel_pattern = re.compile(rf"^{re.escape(savedmodel_name)}-(\d+)$")
+        super().__init__(
+            checkpoint,
+            directory,
+            max_to_keep,
+            keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
+            checkpoint_name=checkpoint_name,
+            step_counter=step_counter,
+            checkpoint_interval=checkpoint_interval,
+            init_fn=init_fn,
+        )
+
+    def save(self, checkpoint_number=None, check_interval=True, options=None) -> str | None:
+        """Exports artifact ``N``, then saves checkpoint ``N``; see CheckpointManager.save."""
+        number = self._next_number(checkpoint_number, check_interval)
+        if number is None:
+            return None
+        # The export's collectives must not interleave with an async save's, which run
+        # on the engine's background thread.
+        self._checkpoint.sync()
+        self._export(number)
+        return self._write(number, options)
+
+    def _export(self, number: int) -> str:
+        """Writes one artifact (all processes; small files and commit: coordinator)."""
+        path = os.path.join(self._directory, f"{self._savedmodel_name}-{number}")
+        params = self._params_fn()
+        leaves = jax.tree.leaves(params)
+        exported = jax.export.export(jax.jit(self._serving_fn), platforms=self._platforms)(
+            jax.tree.map(_spec_of, params), *self._input_specs
+        )
+        tag = f"export {path!r}"
+        timeout_secs = 600.0
+        if self._comm.is_coordinator:
+            _delete_savedmodel(path)  # a user-given number may repeat one
+            os.makedirs(path)
+        self._comm.barrier(tag=tag + " start", timeout_secs=timeout_secs)
+        _engine.save_arrays(
+            os.path.join(path, PARAMS_DIR),
+            {f"params/{i}": leaf for i, leaf in enumerate(leaves)},
+            object_graph={"savedmodel_params": len(leaves)},
+            comm=self._comm,
+        )
+        if self._comm.is_coordinator:
+            _atomic_write(path, FUNCTION_FILE, bytes(exported.serialize()))
+            manifest = {
+                "format": _FORMAT,
+                "version": _VERSION,
+                "number": number,
+                "param_count": len(leaves),
+                "input_specs": [str(spec) for spec in jax.tree.leaves(self._input_specs)],
+                "platforms": list(exported.platforms),
+                "saved_at": time.time(),
+            }
+            _atomic_write(path, MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+            logger.info("exported %s", path)
+        self._comm.barrier(tag=tag + " commit", timeout_secs=timeout_secs)
+        return path
+
+    def _remove_leftovers(self) -> None:
+        super()._remove_leftovers()
+        for path in self._savedmodel_dirs(committed=False):
+            if not _is_committed_savedmodel(path):
+                _delete_savedmodel(path)
+                logger.info("removed unfinished export %s", path)
+
+    def _delete(self, path: str) -> None:
+        super()._delete(path)
+        number = path.rsplit("-", 1)[-1]
+        savedmodel = os.path.join(self._directory, f"{self._savedmodel_name}-{number}")
+        if _delete_savedmodel(savedmodel):
+            logger.info("deleted old export %s", savedmodel)
+
+    def _savedmodel_dirs(self, *, committed: bool) -> list[str]:
+        """Artifact directories on disk, by number (oldest first)."""
+        try:
+            names = os.listdir(self._directory)
+        except FileNotFoundError:
+            return []
+        found = sorted(
+            (int(match.group(1)), os.path.join(self._directory, name))
+            for name in names
+            if (match := self._savedmodel_pattern.match(name))
+        )
+        return [p for _, p in found if not committed or _is_committed_savedmodel(p)]
+
+    def get_existing_savedmodels(self) -> list[str]:
+        """Every committed artifact on disk (managed or preserved), oldest first."""
+        return self._savedmodel_dirs(committed=True)
+
+    @property
+    def savedmodels(self) -> list[str]:
+        """Committed artifacts of the managed checkpoints, oldest first."""
+        managed = {path.rsplit("-", 1)[-1] for path in self.checkpoints}
+        return [
+            p for p in self.get_existing_savedmodels() if p.rsplit("-", 1)[-1] in managed
+        ]
+
+    @property
+    def latest_savedmodel(self) -> str | None:
+        """The committed artifact with the highest number, or None."""
+        existing = self.get_existing_savedmodels()
+        return existing[-1] if existing else None
+
+    def get_savedmodel_number_from_path(self, path) -> int:
+        """``N`` of ``.../<savedmodel_name>-N``.
+
+        Raises:
+          ValueError: the path's last component is not ``<savedmodel_name>-<number>``.
+        """
+        name = os.path.basename(os.path.normpath(os.fspath(path)))
+        match = self._savedmodel_pattern.match(name)
+        if match is None:
+            raise ValueError(
+                f"Path {path!r} does not name an artifact: expected its last component "
+                f"to be {self._savedmodel_name}-<number>, found {name!r}"
+            )
+        return int(match.group(1))
+
+    def wait_for_new_savedmodel(self, last_savedmodel, seconds_to_sleep=1.0, timeout=None):
+        """Waits for a latest artifact other than ``last_savedmodel``; None on timeout."""
+        return _wait_for_new(
+            lambda: self.latest_savedmodel, last_savedmodel, seconds_to_sleep, timeout
+        )
+
+    def savedmodels_iterator(
+        self, min_interval_secs=0, timeout=None, timeout_fn=None, *, seconds_to_sleep=1.0
+    ):
+        """Yields each new latest artifact, as :func:`checkpoints_iterator` does."""
+        return _iterate(
+            lambda last: self.wait_for_new_savedmodel(last, seconds_to_sleep, timeout),
+            min_interval_secs,
+            timeout_fn,
+        )
+
+
+class LoadedSavedModel:
+    """A loaded artifact: call it with the inputs, as the exported ``serving_fn``.
+
+    Attributes:
+      params: the restored parameters (host arrays), in their saved structure.
+      exported: the deserialized ``jax.export.Exported``.
+    """
+
+    def __init__(self, exported, params):
+        self.exported = exported
+        self.params = params
+
+    def __call__(self, *inputs):
+        return self.exported.call(self.params, *inputs)
+
+
+def _read_manifest(path: str) -> dict:
+    manifest_path = os.path.join(path, MANIFEST_FILE)
+    try:
+        with open(manifest_path, "rb") as f:
+            data = f.read(_MAX_MANIFEST_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise CheckpointNotFoundError(
+            f"No exported artifact at {path!r}: expected a committed {MANIFEST_FILE}"
+        ) from error
+    try:
+        manifest = json.loads(data)
+        if manifest.get("format") != _FORMAT or manifest.get("version") != _VERSION:
+            raise ValueError(f"expected format {_FORMAT!r} version {_VERSION}")
+        count = manifest["param_count"]
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise ValueError(f"param_count must be a non-negative int, found {count!r}")
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise CorruptCheckpointError(f"Manifest {manifest_path!r} is malformed: {error}") from error
+    return manifest
+
+
+def load_savedmodel(path) -> LoadedSavedModel:
+    """Loads an artifact written by :class:`ExportingCheckpointManager`.
+
+    Works in any process: it needs neither the serving function's Python code nor the
+    mesh it was trained on. The params come back as host arrays and the function runs
+    on the default device.
+
+    Raises:
+      CheckpointNotFoundError: ``path`` holds no committed artifact.
+      CorruptCheckpointError: the manifest or the serialized function is malformed.
+    """
+    path = os.fspath(path)
+    manifest = _read_manifest(path)
+    with open(os.path.join(path, FUNCTION_FILE), "rb") as f:
+        serialized = f.read()
+    try:
+        exported = jax.export.deserialize(bytearray(serialized))
+    except Exception as error:  # flatbuffers raises assorted types on bad bytes
+        raise CorruptCheckpointError(
+            f"{os.path.join(path, FUNCTION_FILE)!r} is not a jax.export serialization: {error}"
+        ) from error
+    count = manifest["param_count"]
+    restored = _engine.restore_arrays(
+        os.path.join(path, PARAMS_DIR), {f"params/{i}": None for i in range(count)}
+    )
+    # in_tree is ((params, *inputs), {}): the first argument's structure is the params'.
+    params_tree = exported.in_tree.children()[0].children()[0]
+    if params_tree.num_leaves != count:
+        raise CorruptCheckpointError(
+            f"Artifact {path!r}: the function takes {params_tree.num_leaves} param leaves, "
+            f"the manifest lists {count}"
+        )
+    params = jax.tree.unflatten(params_tree, [restored[f"params/{i}"] for i in range(count)])
+    return LoadedSavedModel(exported, params)
