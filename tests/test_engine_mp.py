@@ -1,0 +1,47 @@
+"""The engine across real processes: save with 2 processes x 4 devices, restore with
+1 x 8, 4 x 2 and into host numpy, each on a different mesh than the save."""
+
+import os
+
+import pytest
+
+from tests.mp_util import REPO_ROOT, results, run_launch
+
+WORKER = REPO_ROOT / "tests" / "workers" / "engine_worker.py"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("mp") / "ckpt")
+    out = results(run_launch(WORKER, "save", directory, "4x2", processes=2,
+                             devices_per_process=4))
+    assert [r["path"] for r in out] == [directory, directory]
+    return directory
+
+
+def test_save_by_two_processes_writes_each_chunk_once(saved):
+    # w (16, 8) on (4, 2) with P("x", "y"): 4 x 2 chunks of (4, 4), one file each.
+    chunk_files = [f for d, _, fs in os.walk(os.path.join(saved, "model", "w"))
+                   for f in fs if f != "zarr.json"]
+    assert len(chunk_files) == 8
+    assert not [p for p in os.listdir(os.path.dirname(saved)) if ".tmp-" in p]
+
+
+@pytest.mark.parametrize(
+    ("processes", "devices", "mesh"),
+    [(1, 8, "2x4"), (4, 2, "8x1"), (2, 4, "4x2")],
+    ids=["1proc_2x4", "4proc_8x1", "2proc_4x2"],
+)
+def test_restore_on_other_process_counts_and_meshes(saved, processes, devices, mesh):
+    out = results(run_launch(WORKER, "restore", saved, mesh, processes=processes,
+                             devices_per_process=devices))
+    assert len(out) == processes
+    for r in out:
+        assert r["bad"] == [] and r["step"] == 42 and r["devices"] == processes * devices
+        assert r["checked"] == 4 * devices  # every local device's shard of 4 arrays
+
+
+def test_restore_into_host_numpy(saved):
+    out = results(run_launch(WORKER, "restore", saved, "host", processes=2,
+                             devices_per_process=1))
+    assert [(r["bad"], r["checked"]) for r in out] == [([], 4), ([], 4)]
