@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
-from mp_util import results, run_launch
 
 from dcheckpoint import _comm
 from dcheckpoint.errors import CoordinationTimeoutError
+from tests.mp_util import results, run_launch
 
 WORKERS = Path(__file__).parent / "workers"
 HINT = "a peer process may have crashed or be stuck; possible fixes:"

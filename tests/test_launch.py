@@ -6,10 +6,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from mp_util import REPO_ROOT, results, run_launch
 
 import launch
 from launch._devices import xla_flags_with_device_count
+from tests.mp_util import REPO_ROOT, results, run_launch
 
 WORKERS = Path(__file__).parent / "workers"
 
