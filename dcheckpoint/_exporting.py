@@ -22,14 +22,13 @@ import os
 import re
 import shutil
 import time
-import uuid
 
 import jax
 import numpy as np
 
 from . import _engine
 from ._manager import CheckpointManager, _iterate, _wait_for_new
-from ._storage import fsync_dir
+from ._storage import LocalStorage, fsync_dir
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 __all__ = ["ExportingCheckpointManager", "LoadedSavedModel", "load_savedmodel"]
@@ -42,22 +41,6 @@ PARAMS_DIR = "params"
 _FORMAT = "dcheckpoint.SavedModel"
 _VERSION = 1
 _MAX_MANIFEST_BYTES = 1 << 20
-
-
-def _atomic_write(directory: str, name: str, data: bytes) -> None:
-    """Writes ``directory/name`` via temporary file, fsync, rename, directory fsync."""
-    temporary = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    fsync_dir(directory)
 
 
 def _is_committed_savedmodel(path: str) -> bool:
@@ -176,7 +159,7 @@ class ExportingCheckpointManager(CheckpointManager):
             comm=self._comm,
         )
         if self._comm.is_coordinator:
-            _atomic_write(path, FUNCTION_FILE, bytes(exported.serialize()))
+            LocalStorage(path).write_bytes_atomic(FUNCTION_FILE, bytes(exported.serialize()))
             manifest = {
                 "format": _FORMAT,
                 "version": _VERSION,
@@ -186,7 +169,9 @@ class ExportingCheckpointManager(CheckpointManager):
                 "platforms": list(exported.platforms),
                 "saved_at": time.time(),
             }
-            _atomic_write(path, MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+            LocalStorage(path).write_bytes_atomic(
+                MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode()
+            )
             logger.info("exported %s", path)
         self._comm.barrier(tag=tag + " commit", timeout_secs=timeout_secs)
         return path
@@ -226,9 +211,7 @@ class ExportingCheckpointManager(CheckpointManager):
     def savedmodels(self) -> list[str]:
         """Committed artifacts of the managed checkpoints, oldest first."""
         managed = {path.rsplit("-", 1)[-1] for path in self.checkpoints}
-        return [
-            p for p in self.get_existing_savedmodels() if p.rsplit("-", 1)[-1] in managed
-        ]
+        return [p for p in self.get_existing_savedmodels() if p.rsplit("-", 1)[-1] in managed]
 
     @property
     def latest_savedmodel(self) -> str | None:
