@@ -47,9 +47,23 @@ class _Restorer:
       state: the ``MatchState`` the load status reports from.
       host_target: ``shape -> engine target`` for values with no sharding of their own
         (numpy leaves); ``None`` means "host numpy".
+      collect: if a dict, a dry run: leaves are not assigned, only their engine targets
+        recorded here ``{ckpt path: target}``, so that one ``restore_arrays`` call can
+        read them all concurrently instead of one leaf at a time.
+      prefetched: ``{ckpt path: array}`` read by that one call; leaves missing from it
+        (deferred restores) are read on their own.
     """
 
-    def __init__(self, directory, metadata, state: MatchState, host_target):
+    def __init__(
+        self,
+        directory,
+        metadata,
+        state: MatchState,
+        host_target,
+        *,
+        collect: dict | None = None,
+        prefetched: dict | None = None,
+    ):
         graph = metadata.object_graph
         if not isinstance(graph, dict) or graph.get("format") != GRAPH_FORMAT:
             raise CorruptCheckpointError(
@@ -59,6 +73,7 @@ class _Restorer:
         self._directory, self._metadata, self._state = directory, metadata, state
         self._nodes, self._aliases = graph["nodes"], graph["aliases"]
         self._host_target = host_target
+        self._collect, self._prefetched = collect, prefetched or {}
         self._memo: dict[int, object] = {}
         self._keep: list[object] = []  # keeps memo ids from being reused mid-walk
 
@@ -109,9 +124,14 @@ class _Restorer:
             target = value.sharding
         else:
             target = self._host_target(shape)
-        array = _engine.restore_arrays(
-            self._directory, {ckpt_path: target}, metadata=self._metadata
-        )[ckpt_path]
+        if self._collect is not None:
+            self._collect[ckpt_path] = target
+            return value
+        array = self._prefetched.pop(ckpt_path, None)  # pop: no reference kept alive
+        if array is None:
+            array = _engine.restore_arrays(
+                self._directory, {ckpt_path: target}, metadata=self._metadata
+            )[ckpt_path]
         self._state.consumed.add(ckpt_path)
         if kind == "variable":
             return value.assign(array)
@@ -163,6 +183,8 @@ class _Restorer:
 
     def defer_missing(self, owner: AutoTrackable, items, node, ckpt_path, cur_path) -> None:
         """Parks the checkpoint children of ``node`` that ``owner`` lacks, on ``owner``."""
+        if self._collect is not None:
+            return  # a dry run changes nothing
         present = {escape(name) for name, _ in items}
         for name in node["children"]:
             if name in present or name == _SAVE_COUNTER and not ckpt_path:
@@ -304,8 +326,15 @@ class Checkpoint(AutoTrackable):
         del options
         metadata = _engine.read_metadata(save_path)
         state = MatchState(checkpoint_paths=frozenset(metadata.arrays), save_path=str(save_path))
-        restorer = _Restorer(save_path, metadata, state, self._dc_host_target)
         top = self._dc_top()
+        wanted: dict = {}
+        dry_run = MatchState(checkpoint_paths=state.checkpoint_paths, save_path=str(save_path))
+        collector = _Restorer(save_path, metadata, dry_run, self._dc_host_target, collect=wanted)
+        collector.restore_children(top, collector.node(""), "", "")
+        prefetched = _engine.restore_arrays(save_path, wanted, metadata=metadata)
+        restorer = _Restorer(
+            save_path, metadata, state, self._dc_host_target, prefetched=prefetched
+        )
         root = restorer.node("")
         restored = restorer.restore_children(top, root, "", "")
         for (name, old), new in zip(top, restored, strict=True):
