@@ -34,6 +34,7 @@ from ._state_file import (
     remove_leftover_temporaries,
     write_checkpoint_state,
 )
+from ._storage import open_storage
 
 __all__ = ["CheckpointManager", "checkpoints_iterator", "wait_for_new_checkpoint"]
 
@@ -62,7 +63,8 @@ class CheckpointManager:
 
     Args:
       checkpoint: the :class:`~dcheckpoint.Checkpoint` to save and restore.
-      directory: where checkpoints and the state file live (created if missing).
+      directory: where checkpoints and the state file live (created if missing): a
+        local path or an object store URL such as ``s3://bucket/run``.
       max_to_keep: how many checkpoints stay managed; None keeps all.
       keep_checkpoint_every_n_hours: keep, for good, one checkpoint per this many
         hours; those leave the managed list but stay on disk.
@@ -113,7 +115,7 @@ class CheckpointManager:
 
     def _start(self) -> None:
         """Cleans crashed saves (coordinator), then loads the state file (all)."""
-        os.makedirs(self._directory, exist_ok=True)
+        open_storage(self._directory).make_dirs()
         if self._comm.is_coordinator:
             self._remove_leftovers()
         # Nobody reads the directory before the coordinator has cleaned it.
@@ -125,7 +127,7 @@ class CheckpointManager:
 
     def _remove_leftovers(self) -> None:
         """Removes what crashed saves left (coordinator); subclasses remove more."""
-        for path in remove_leftover_temporaries(self._directory):
+        for path in remove_leftover_temporaries(self._directory, self._checkpoint_name):
             logger.info("removed leftover temporary %s", path)
 
     def _recover(self, state: CheckpointState | None) -> None:

@@ -10,8 +10,10 @@ job) continue where the last one stopped, and what evaluators poll with
 Paths are stored relative to the directory, so a directory can be moved or mounted
 elsewhere; a stored path that would leave the directory is refused on read, because the
 file may come from somewhere untrusted. Only the coordinator writes the file, and it
-replaces it atomically (temporary file, fsync, rename, fsync of the directory), so a
-reader sees the old state or the new one, never half of one.
+replaces it atomically (temporary file, fsync, rename, fsync of the directory; one PUT
+on object stores), so a reader sees the old state or the new one, never half of one.
+``directory`` may be a local path or an object store URL (``s3://bucket/run``): every
+file operation goes through `dcheckpoint._storage`.
 """
 
 from __future__ import annotations
@@ -19,11 +21,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import uuid
+import re
 
 from ._metadata import METADATA_FILE
-from ._storage import TMP_MARKER, fsync_dir
+from ._storage import TMP_MARKER, is_url, open_storage
 from .errors import CorruptCheckpointError
 
 __all__ = [
@@ -63,60 +64,61 @@ class CheckpointState:
 
 
 def is_committed(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a committed checkpoint (its metadata file exists)."""
-    return os.path.isfile(os.path.join(path, METADATA_FILE))
+    """Whether ``path`` (a directory or object store prefix) is a committed checkpoint."""
+    return open_storage(path).exists(METADATA_FILE)
 
 
 def delete_checkpoint(path: str | os.PathLike) -> bool:
-    """Deletes one checkpoint directory (coordinator only); returns whether it existed.
+    """Deletes one checkpoint (coordinator only); returns whether it existed.
 
-    The metadata file goes first and the directory is fsynced, so a deletion cut short
-    leaves a directory that no reader takes for a committed checkpoint.
+    The metadata file goes first (and, locally, the directory is fsynced), so a
+    deletion cut short leaves something that no reader takes for a committed
+    checkpoint; on object stores this is what makes deletion safe at all, as the
+    remaining objects are deleted one by one.
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
+    storage = open_storage(path)
+    if not storage.exists():
         return False
-    try:
-        os.remove(os.path.join(path, METADATA_FILE))
-        fsync_dir(path)
-    except FileNotFoundError:
-        pass
-    shutil.rmtree(path, ignore_errors=True)
+    storage.remove(METADATA_FILE)
+    storage.remove_tree()
     return True
 
 
-def remove_leftover_temporaries(directory: str | os.PathLike) -> list[str]:
-    """Removes ``*.tmp-*`` entries of crashed saves from ``directory`` (coordinator only).
+def remove_leftover_temporaries(
+    directory: str | os.PathLike, checkpoint_name: str | None = None
+) -> list[str]:
+    """Removes what crashed saves left in ``directory`` (coordinator only).
 
-    Call only when no save into ``directory`` is in flight (when a manager starts).
+    Locally those are the ``*.tmp-*`` entries. On object stores a save writes into its
+    final prefix, so a crashed one leaves ``<checkpoint_name>-<N>/`` without a metadata
+    file; with ``checkpoint_name`` given those are removed too. Call only when no save
+    into ``directory`` is in flight (when a manager starts).
 
     Returns:
       The removed paths, sorted.
     """
-    directory = os.fspath(directory)
-    removed = []
-    try:
-        names = sorted(os.listdir(directory))
-    except FileNotFoundError:
-        return removed
-    for name in names:
-        if TMP_MARKER not in name:
-            continue
-        path = os.path.join(directory, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                continue
-        removed.append(path)
-    return removed
+    storage = open_storage(directory)
+    crashed_save = None
+    if checkpoint_name and not storage.renames_atomically:
+        crashed_save = re.compile(rf"{re.escape(checkpoint_name)}-\d+")
+
+    def is_leftover(name: str) -> bool:
+        if TMP_MARKER in name:
+            return True
+        return bool(crashed_save and crashed_save.fullmatch(name)
+                    and not is_committed(storage.join(name)))
+
+    return [storage.join(name) for name in storage.list_dir()
+            if is_leftover(name) and storage.remove(name)]
 
 
 def _relative(directory: str, path: str) -> str:
     """The stored form of ``path``; refuses a path outside ``directory``."""
-    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(directory))
+    if is_url(directory):
+        base = directory.rstrip("/") + "/"
+        relative = path[len(base):] if path.startswith(base) else path
+    else:
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(directory))
     _check_relative(directory, relative)
     return relative
 
@@ -159,21 +161,10 @@ def write_checkpoint_state(directory: str | os.PathLike, state: CheckpointState)
         "last_preserved_timestamp": state.last_preserved_timestamp,
     }
     data = (json.dumps(document, indent=2) + "\n").encode()
-    # The temporary name carries the tmp marker, so a crash here leaves something the
-    # next manager's cleanup removes.
-    temporary = os.path.join(directory, f".{STATE_FILENAME}{TMP_MARKER}{uuid.uuid4().hex}")
-    try:
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, os.path.join(directory, STATE_FILENAME))
-    except BaseException:
-        # Never leave a temporary behind on failure; the old state file stays valid.
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    fsync_dir(directory)
+    # Locally: temporary file (its name carries the tmp marker, so a crash leaves
+    # something the next manager's cleanup removes), fsync, rename, fsync the directory.
+    # On object stores: one PUT, which readers see whole or not at all.
+    open_storage(directory).write_bytes_atomic(STATE_FILENAME, data)
 
 
 def get_checkpoint_state(directory: str | os.PathLike) -> CheckpointState | None:
@@ -190,15 +181,13 @@ def get_checkpoint_state(directory: str | os.PathLike) -> CheckpointState | None
         in it would leave the directory.
     """
     directory = os.fspath(directory)
-    path = os.path.join(directory, STATE_FILENAME)
+    storage = open_storage(directory)
+    path = storage.join(STATE_FILENAME)
     try:
-        with open(path, "rb") as f:
-            data = f.read(_MAX_STATE_BYTES + 1)
+        data = storage.read_bytes(STATE_FILENAME, max_bytes=_MAX_STATE_BYTES)
     except (FileNotFoundError, NotADirectoryError):
         return None
     try:
-        if len(data) > _MAX_STATE_BYTES:
-            raise ValueError(f"larger than {_MAX_STATE_BYTES} bytes")
         document = json.loads(data)
         return _parse(directory, document)
     except (ValueError, TypeError, KeyError) as error:

@@ -1,45 +1,103 @@
 """Where a checkpoint's bytes live, and how a save becomes visible atomically.
 
-The engine talks to storage through `Storage` only. Chunk data always goes through
-TensorStore (``kvstore_spec``); the few small files the commit protocol needs (metadata,
-state file) go through the methods here.
+The engine, the state file and the manager talk to storage through the interface of
+`LocalStorage` and `ObjectStorage` only. Chunk data always goes through TensorStore
+(``kvstore_spec``); the few small files the commit protocol needs (metadata, state
+file), listing and deletion go through the methods here.
 
 Commit rule (see docs/FORMAT.md): a checkpoint exists iff its metadata file exists.
 On a local filesystem the save is also staged in a sibling ``<prefix>.tmp-<id>/``
 directory and renamed into place after the metadata is fsynced, so a crashed save
-never even occupies the final name.
+never even occupies the final name. Object stores have no rename: there a save writes
+straight into its final prefix and the metadata file, written last, is the only commit
+(see `ObjectStorage` and docs/OBJECT_STORAGE.md).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 import shutil
 import uuid
 
+import tensorstore as ts
+
+from . import _tensorstore as tsio
+from ._metadata import METADATA_FILE as METADATA
 from .errors import CheckpointError, CorruptCheckpointError
 
-__all__ = ["LocalStorage", "open_storage", "TMP_MARKER"]
+__all__ = ["LocalStorage", "ObjectStorage", "open_storage", "is_url", "TMP_MARKER"]
 
 TMP_MARKER = ".tmp-"
 
 
-def open_storage(path: str) -> LocalStorage:
-    """Returns the storage for a checkpoint path (a local directory for now)."""
-    if "://" in str(path):
-        raise ValueError(f"Unsupported checkpoint location {path!r}: expected a local path")
-    return LocalStorage(os.fspath(path))
+def is_url(path) -> bool:
+    """Whether ``path`` names an object store location (``scheme://...``), not a file."""
+    return "://" in os.fspath(path)
+
+
+def open_storage(path) -> LocalStorage | ObjectStorage:
+    """Returns the storage for a checkpoint location.
+
+    Args:
+      path: a local path, or ``s3://bucket/prefix`` / ``gs://bucket/prefix``.
+
+    Raises:
+      ValueError: a URL with another scheme, no bucket, or ``.``/``..`` components.
+    """
+    path = os.fspath(path)
+    if is_url(path):
+        return ObjectStorage(path)
+    return LocalStorage(path)
 
 
 class LocalStorage:
     """A checkpoint directory on a local (or POSIX shared) filesystem."""
+
+    # A staged save is renamed into place (see `publish`).
+    renames_atomically = True
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
 
     def __repr__(self):
         return f"LocalStorage({self.path!r})"
+
+    def join(self, relpath: str) -> str:
+        """The full path of ``relpath``, for messages and for callers' own paths."""
+        return os.path.join(self.path, relpath)
+
+    def child(self, relpath: str) -> LocalStorage:
+        return LocalStorage(os.path.join(self.path, relpath))
+
+    def make_dirs(self) -> None:
+        os.makedirs(self.path, exist_ok=True)
+
+    def list_dir(self, relpath: str = "") -> list[str]:
+        """Sorted names of the entries of a sub-directory; [] when it does not exist."""
+        try:
+            return sorted(os.listdir(os.path.join(self.path, relpath)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def remove(self, relpath: str) -> bool:
+        """Deletes one file or sub-tree (a link itself, never its target) durably.
+
+        Returns:
+          Whether it existed.
+        """
+        full = os.path.join(self.path, relpath)
+        if os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+        else:
+            try:
+                os.remove(full)
+            except FileNotFoundError:
+                return False
+        fsync_dir(os.path.dirname(full))
+        return True
 
     def kvstore_spec(self, relpath: str = "") -> dict:
         """TensorStore kvstore spec of a sub-directory (trailing slash: a directory)."""
@@ -110,6 +168,192 @@ class LocalStorage:
         fsync_dir(parent)
 
 
+# Object store schemes and their TensorStore kvstore drivers.
+_DRIVERS = {"s3": "s3", "gs": "gcs"}
+# Where the S3 endpoint comes from, first match wins (MinIO, Ceph, moto, ...).
+ENDPOINT_VARIABLES = ("DCHECKPOINT_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+REGION_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+class ObjectStorage:
+    """A checkpoint prefix in an object store (``s3://bucket/key`` or ``gs://bucket/key``).
+
+    Chunks, small files, listing and deletion all go through TensorStore's kvstore
+    drivers, so no cloud SDK is needed. Credentials come from the drivers' usual
+    sources (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, instance
+    roles; Google's application default credentials); the S3 endpoint and region from
+    `ENDPOINT_VARIABLES` and `REGION_VARIABLES`.
+
+    Object stores cannot rename, so a save writes into its final prefix (`staging`
+    returns this storage itself) and `publish` does nothing: the metadata file, written
+    last by the coordinator in one PUT, is the commit. A prefix without it is ignored
+    by every reader.
+
+    Raises:
+      ValueError: an unknown scheme, no bucket, or a ``.``/``..``/empty key component.
+    """
+
+    renames_atomically = False
+
+    def __init__(self, url: str):
+        scheme, _, rest = url.partition("://")
+        bucket, _, key = rest.partition("/")
+        if scheme not in _DRIVERS or not bucket:
+            raise ValueError(
+                f"Unsupported checkpoint location {url!r}: expected a local path, "
+                f"s3://bucket/prefix or gs://bucket/prefix"
+            )
+        self._scheme, self._bucket = scheme, bucket
+        self._key = _clean_key(key.rstrip("/"), where=url)
+        self.path = f"{scheme}://{bucket}" + (f"/{self._key}" if self._key else "")
+        self._store = None
+
+    def __repr__(self):
+        return f"ObjectStorage({self.path!r})"
+
+    def join(self, relpath: str) -> str:
+        key = _clean_key(relpath.rstrip("/"), where=relpath)
+        return f"{self.path}/{key}" if key else self.path
+
+    def child(self, relpath: str) -> ObjectStorage:
+        return ObjectStorage(self.join(relpath))
+
+    def make_dirs(self) -> None:
+        """Nothing to do: prefixes exist as soon as a key under them does."""
+
+    def kvstore_spec(self, relpath: str = "") -> dict:
+        """TensorStore kvstore spec of a sub-prefix (trailing slash: a "directory")."""
+        key = "/".join(filter(None, [self._key, _clean_key(relpath.rstrip("/"), where=relpath)]))
+        spec = {"driver": _DRIVERS[self._scheme], "bucket": self._bucket,
+                "path": f"{key}/" if key else ""}
+        if self._scheme == "s3":
+            spec.update(s3_options())
+        return spec
+
+    def _kv(self):
+        if self._store is None:
+            self._store = ts.KvStore.open(self.kvstore_spec(), context=tsio.context()).result()
+        return self._store
+
+    def _keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix`` ("" for all), relative to this storage."""
+        key_range = ts.KvStore.KeyRange(prefix, _successor(prefix)) if prefix else None
+        return [k.decode() for k in self._kv().list(key_range).result()]
+
+    def exists(self, relpath: str = "") -> bool:
+        """Whether an object ``relpath``, or any object under it, exists."""
+        key = self.resolve_key(relpath) if relpath else ""
+        if key and self._kv().list(ts.KvStore.KeyRange(key, key + "\0")).result():
+            return True
+        return bool(self._keys(f"{key}/" if key else ""))
+
+    def read_bytes(self, relpath: str, *, max_bytes: int) -> bytes:
+        """Reads a small object; refuses one larger than ``max_bytes`` (untrusted input).
+
+        Raises:
+          FileNotFoundError: no such object.
+        """
+        result = self._kv().read(self.resolve_key(relpath)).result()
+        if result.state != "value":
+            raise FileNotFoundError(errno.ENOENT, "No such object", self.join(relpath))
+        if len(result.value) > max_bytes:
+            raise CorruptCheckpointError(
+                f"{self.join(relpath)}: larger than the {max_bytes}-byte limit"
+            )
+        return result.value
+
+    def write_bytes_atomic(self, relpath: str, data: bytes) -> None:
+        """One PUT: object stores show readers the old object or the new, never a mix."""
+        self._kv().write(self.resolve_key(relpath), data).result()
+
+    def resolve_key(self, relpath: str) -> str:
+        """The key of ``relpath``, refusing anything that could leave this prefix."""
+        if not isinstance(relpath, str) or relpath.startswith("/") or "\\" in relpath:
+            raise CorruptCheckpointError(
+                f"{relpath!r} is not a relative key inside {self.path}"
+            )
+        return _clean_key(relpath, where=self.path)
+
+    def resolve_inside(self, relpath: str) -> str:
+        """Full URL of ``relpath``; refuses ``..``, ``.``, empty or absolute components."""
+        return self.join(self.resolve_key(relpath))
+
+    def list_dir(self, relpath: str = "") -> list[str]:
+        """Sorted first components of the keys under ``relpath`` (every key is listed)."""
+        key = self.resolve_key(relpath) if relpath else ""
+        prefix = f"{key}/" if key else ""
+        return sorted({k[len(prefix):].split("/", 1)[0] for k in self._keys(prefix)})
+
+    def remove(self, relpath: str) -> bool:
+        """Deletes the object ``relpath`` and everything under ``relpath/``.
+
+        Returns:
+          Whether anything existed.
+        """
+        existed = self.exists(relpath)
+        key = self.resolve_key(relpath)
+        self._kv().delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()
+        self._kv().delete_range(ts.KvStore.KeyRange(f"{key}/", _successor(f"{key}/"))).result()
+        return existed
+
+    def remove_tree(self) -> None:
+        if not self._key:
+            raise CheckpointError(f"Refusing to delete every object of {self.path}")
+        self._kv().delete_range(ts.KvStore.KeyRange()).result()
+
+    # -- staging and commit ----------------------------------------------------------
+
+    def staging(self, save_id: str) -> ObjectStorage:
+        """This prefix itself, first made uncommitted (all processes, before any write).
+
+        There is no rename, so a save overwrites in place. Removing the metadata file
+        first means no reader ever takes a mix of old and new chunks for a checkpoint.
+        The old ``zarr.json`` nodes go too, because the coordinator creates them anew
+        and TensorStore refuses to create over an existing one. Neither is written by
+        this save until every process has reported its chunks, and every process calls
+        this before reporting, so these deletions never touch the new save.
+        """
+        del save_id
+        self._kv().delete_range(ts.KvStore.KeyRange(METADATA, METADATA + "\0")).result()
+        nodes = [k for k in self._keys("") if k.rsplit("/", 1)[-1] == "zarr.json"]
+        for future in [self._kv().delete_range(ts.KvStore.KeyRange(k, k + "\0"))
+                       for k in nodes]:
+            future.result()
+        return self
+
+    def publish(self, staged: ObjectStorage) -> None:
+        """Nothing to do: the metadata file the coordinator just wrote is the commit."""
+        del staged
+
+
+def s3_options() -> dict:
+    """Endpoint and region of the S3 driver from the environment (see module docs)."""
+    options = {}
+    endpoint = next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), None)
+    if endpoint:
+        options["endpoint"] = endpoint
+    region = next((os.environ[v] for v in REGION_VARIABLES if os.environ.get(v)), None)
+    if region:
+        options["aws_region"] = region
+    return options
+
+
+def _clean_key(key: str, *, where: str) -> str:
+    """``key`` if it is "" or plain components joined by "/"; refuses the rest."""
+    parts = key.split("/") if key else []
+    if any(p in ("", ".", "..") for p in parts):
+        raise CorruptCheckpointError(
+            f"{where!r}: key {key!r} has an empty, '.' or '..' component; object store "
+            "keys must stay inside their prefix"
+        )
+    return key
+
+
+def _successor(prefix: str) -> str:
+    """The smallest string after every string that starts with ``prefix``."""
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
 def fsync_dir(path: str) -> None:
     """Makes a directory's entries (new files, renames) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -120,7 +364,13 @@ def fsync_dir(path: str) -> None:
 
 
 def fsync_tree(path: str) -> None:
-    """fsyncs every directory under ``path`` (TensorStore fsyncs the files it writes)."""
+    """fsyncs every directory under ``path`` (TensorStore fsyncs the files it writes).
+
+    A no-op for object store URLs: they have no directories, and an acknowledged PUT
+    is already durable.
+    """
+    if is_url(path):
+        return
     for dirpath, _, _ in os.walk(path):
         fsync_dir(dirpath)
 

@@ -1,0 +1,265 @@
+"""Checkpoints on S3, against a real S3-compatible server (moto) started on 127.0.0.1.
+
+Object stores cannot rename: a save writes into its final prefix and the metadata file,
+written last, is the commit marker. These tests check that through the public API, in
+one process and in a 2-process job: save, restore onto another mesh, manager retention,
+and a save that crashed before its marker.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import jax
+import numpy as np
+import pytest
+import tensorstore as ts
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import dcheckpoint
+from dcheckpoint._cli import main
+from dcheckpoint._metadata import METADATA_FILE
+from dcheckpoint._storage import ObjectStorage, open_storage
+from dcheckpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
+from tests.mp_util import REPO_ROOT, results, run_launch
+
+WORKER = REPO_ROOT / "tests" / "workers" / "s3_worker.py"
+_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_serving(endpoint: str, server: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"moto server exited with {server.returncode}")
+        try:
+            urllib.request.urlopen(endpoint, timeout=2).close()
+            return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.2)
+    raise RuntimeError(f"moto server at {endpoint} did not answer within 60 s")
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    """A moto S3 server; its endpoint and dummy credentials are put in the environment,
+    where the library (and the mpiexec workers, which inherit it) read them."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in [*_ENV, "DCHECKPOINT_S3_ENDPOINT"]}
+    try:
+        _wait_until_serving(url, server)
+        os.environ.update(_ENV, DCHECKPOINT_S3_ENDPOINT=url)
+        yield url
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.fixture
+def bucket(endpoint):
+    """A fresh bucket, created with a plain HTTP PUT (no AWS SDK needed)."""
+    name = f"ckpt-{uuid.uuid4().hex[:12]}"
+    request = urllib.request.Request(f"{endpoint}/{name}", method="PUT")
+    urllib.request.urlopen(request, timeout=30).close()
+    return f"s3://{name}"
+
+
+def _sharded(mesh, spec, values):
+    return jax.make_array_from_callback(values.shape, NamedSharding(mesh, spec),
+                                        lambda idx: values[idx])
+
+
+def _mesh(shape):
+    count = int(np.prod(shape))
+    return jax.make_mesh(shape, ("x", "y"), devices=jax.devices()[:count])
+
+
+def test_save_then_restore_onto_another_mesh(bucket):
+    values = np.arange(128, dtype=np.float32).reshape(16, 8)
+    saved = _sharded(_mesh((4, 2)), P("x", "y"), values)
+    path = dcheckpoint.save_pytree(f"{bucket}/run/one", {"w": saved, "step": np.int32(7)})
+    assert path == f"{bucket}/run/one"
+
+    target = NamedSharding(_mesh((2, 2)), P("y", "x"))
+    restored = dcheckpoint.restore_pytree(path, {"w": target, "step": None})
+    assert restored["w"].sharding == target
+    np.testing.assert_array_equal(np.asarray(restored["w"]), values)
+    assert int(restored["step"]) == 7
+    # One object per chunk: (16, 8) on (4, 2) is 4 x 2 chunks of (4, 4).
+    assert open_storage(path).list_dir("w/c") == ["0", "1", "2", "3"]
+
+
+def test_each_array_is_plain_zarr_readable_without_this_library(bucket, endpoint):
+    values = np.arange(12, dtype=np.int32).reshape(3, 4)
+    path = dcheckpoint.save_pytree(f"{bucket}/plain", {"a": values})
+    spec = {"driver": "zarr3", "kvstore": {
+        "driver": "s3", "bucket": bucket.removeprefix("s3://"), "path": "plain/a/",
+        "endpoint": endpoint, "aws_region": "us-east-1"}}
+    np.testing.assert_array_equal(ts.open(spec).result().read().result(), values)
+    meta = json.loads(open_storage(path).read_bytes(METADATA_FILE, max_bytes=1 << 20))
+    assert meta["checkpoint"]["arrays"]["a"]["shape"] == [3, 4]
+
+
+def test_checkpoint_object_api_round_trip(bucket):
+    weights = dcheckpoint.Variable(np.full((4, 2), 3.0, np.float32))
+    checkpoint = dcheckpoint.Checkpoint(weights=weights)
+    path = checkpoint.save(f"{bucket}/obj/ckpt")
+    assert path == f"{bucket}/obj/ckpt-1"
+    weights.assign(np.zeros((4, 2), np.float32))
+    checkpoint.restore(path).assert_consumed()
+    np.testing.assert_array_equal(np.asarray(weights.value), np.full((4, 2), 3.0))
+    assert int(checkpoint.save_counter.value) == 1
+
+
+def test_manager_retention_deletes_old_prefixes_and_a_new_manager_continues(bucket):
+    directory = f"{bucket}/managed"
+    weights = dcheckpoint.Variable(np.zeros((8,), np.float32))
+    manager = dcheckpoint.CheckpointManager(
+        dcheckpoint.Checkpoint(weights=weights), directory, max_to_keep=2)
+    for step in range(1, 5):
+        weights.assign(np.full((8,), step, np.float32))
+        manager.save()
+    assert manager.checkpoints == [f"{directory}/ckpt-3", f"{directory}/ckpt-4"]
+    assert open_storage(directory).list_dir() == ["checkpoint", "ckpt-3", "ckpt-4"]
+    assert dcheckpoint.latest_checkpoint(directory) == f"{directory}/ckpt-4"
+    state = dcheckpoint.get_checkpoint_state(directory)
+    assert state.all_model_checkpoint_paths == (f"{directory}/ckpt-3", f"{directory}/ckpt-4")
+
+    weights2 = dcheckpoint.Variable(np.zeros((8,), np.float32))
+    successor = dcheckpoint.CheckpointManager(
+        dcheckpoint.Checkpoint(weights=weights2), directory, max_to_keep=2)
+    assert successor.restore_or_initialize() == f"{directory}/ckpt-4"
+    np.testing.assert_array_equal(np.asarray(weights2.value), np.full((8,), 4.0))
+    assert successor.save() == f"{directory}/ckpt-5"
+    assert open_storage(directory).list_dir() == ["checkpoint", "ckpt-4", "ckpt-5"]
+
+
+def test_a_save_that_crashed_before_its_marker_is_ignored_then_cleaned(bucket):
+    directory = f"{bucket}/crash"
+    weights = dcheckpoint.Variable(np.ones((4,), np.float32))
+    checkpoint = dcheckpoint.Checkpoint(weights=weights)
+    manager = dcheckpoint.CheckpointManager(checkpoint, directory, max_to_keep=3)
+    manager.save()
+    # A save of ckpt-2 that wrote all its objects but died before the marker: the
+    # state file was never updated, and the prefix holds chunks and zarr.json only.
+    crashed = checkpoint.write(f"{directory}/ckpt-2")
+    assert open_storage(crashed).remove(METADATA_FILE) is True
+    assert "zarr.json" in open_storage(crashed).list_dir()
+
+    assert dcheckpoint.latest_checkpoint(directory) == f"{directory}/ckpt-1"
+    with pytest.raises(CheckpointNotFoundError, match="no metadata file: an incomplete"):
+        checkpoint.restore(crashed)
+
+    successor = dcheckpoint.CheckpointManager(checkpoint, directory, max_to_keep=3)
+    assert "ckpt-2" not in open_storage(directory).list_dir()  # cleaned at start
+    assert successor.checkpoints == [f"{directory}/ckpt-1"]
+
+
+def test_a_crashed_prefix_is_overwritten_by_the_next_save(bucket):
+    path = f"{bucket}/again"
+    dcheckpoint.save_pytree(path, {"a": np.zeros((6,), np.float32), "b": np.int32(1)})
+    open_storage(path).remove(METADATA_FILE)
+    with pytest.raises(CheckpointNotFoundError):
+        dcheckpoint.restore_pytree(path, {"a": None})
+
+    dcheckpoint.save_pytree(path, {"a": np.arange(6, dtype=np.float32)})
+    restored = dcheckpoint.restore_pytree(path, {"a": None})
+    np.testing.assert_array_equal(restored["a"], np.arange(6, dtype=np.float32))
+    assert sorted(dcheckpoint.read_metadata(path).arrays) == ["a"]
+
+
+def test_keys_that_leave_the_prefix_are_refused():
+    storage = ObjectStorage("s3://bucket/run/ckpt-1")
+    assert storage.resolve_inside("model/w") == "s3://bucket/run/ckpt-1/model/w"
+    for bad in ["../ckpt-2/w", "model/../../x", "/abs", "a//b", "./a", "a\\..\\b"]:
+        with pytest.raises(CorruptCheckpointError, match="inside|component"):
+            storage.resolve_inside(bad)
+    with pytest.raises(ValueError, match="expected a local path, s3://bucket/prefix"):
+        open_storage("ftp://host/x")
+    with pytest.raises(ValueError, match="component"):
+        open_storage("s3://bucket/a/../b")
+    spec = open_storage("gs://b/run/").kvstore_spec("w")
+    assert spec == {"driver": "gcs", "bucket": "b", "path": "run/w/"}
+
+
+def test_two_processes_save_with_retention_and_restore_on_other_meshes(bucket):
+    url = f"{bucket}/mp"
+    saved = results(run_launch(WORKER, "save", url, "4x2", processes=2,
+                               devices_per_process=4))
+    assert [(r["checkpoints"], r["latest"]) for r in saved] == [
+        (["ckpt-2", "ckpt-3"], f"{url}/ckpt-3")] * 2
+    assert open_storage(url).list_dir() == ["checkpoint", "ckpt-2", "ckpt-3"]
+
+    restored = results(run_launch(WORKER, "restore", url, "2x4", processes=2,
+                                  devices_per_process=4))
+    assert [(r["restored"], r["bad"], r["checked"], r["same_sharding"]) for r in restored] \
+        == [(f"{url}/ckpt-3", [], 4, True)] * 2
+    # And in this single process, onto 8 devices in yet another layout.
+    target = NamedSharding(_mesh((8, 1)), P("x"))
+    values = dcheckpoint.restore_pytree(f"{url}/ckpt-3", {"weights": target})["weights"]
+    want = np.arange(128, dtype=np.float32).reshape(16, 8) + 3000
+    np.testing.assert_array_equal(np.asarray(values), want)
+
+
+def test_command_line_lists_and_inspects_s3(bucket, capsys):
+    directory = f"{bucket}/cli"
+    manager = dcheckpoint.CheckpointManager(
+        dcheckpoint.Checkpoint(w=dcheckpoint.Variable(np.zeros((2, 3), np.float32))),
+        directory, max_to_keep=2)
+    for _ in range(3):
+        manager.save()
+    assert main(["ls", directory, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(r["name"], r["latest"]) for r in out["checkpoints"]] == [
+        ("ckpt-2", False), ("ckpt-3", True)]
+    assert main(["inspect", f"{directory}/ckpt-3", "--json"]) == 0
+    arrays = {a["path"]: a for a in json.loads(capsys.readouterr().out)["arrays"]}
+    assert (arrays["w"]["shape"], arrays["w"]["bytes"]) == ([2, 3], 24)
+    assert main(["inspect", f"{directory}/ckpt-1"]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_command_line_verify_on_s3_finds_a_flipped_byte_and_a_missing_chunk(bucket, capsys):
+    values = np.arange(32, dtype=np.float32).reshape(8, 4)
+    path = dcheckpoint.save_pytree(
+        f"{bucket}/verify", {"w": _sharded(_mesh((4, 2)), P("x", "y"), values)})
+    assert main(["verify", path, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["ok"], out["arrays_checked"], out["chunks_checked"]) == (True, 1, 8)
+
+    storage = open_storage(path)
+    data = bytearray(storage.read_bytes("w/c/1/0", max_bytes=1 << 20))
+    data[2] ^= 0xFF
+    storage.write_bytes_atomic("w/c/1/0", bytes(data))
+    assert storage.remove("w/c/3/1") is True
+    assert main(["verify", path, "--json"]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert [(p["array"], p["file"]) for p in problems] == [("w", "w/c/1/0"), ("w", "w/c/3/1")]
+    assert "crc32c" in problems[0]["message"] and "missing" in problems[1]["message"]
