@@ -78,7 +78,7 @@ class CheckpointMetadata:
 
 
 def dtype_from_name(name: object, *, array: str) -> np.dtype:
-    if name not in SUPPORTED_DTYPES:
+    if not isinstance(name, str) or name not in SUPPORTED_DTYPES:  # lists: unhashable
         raise CorruptCheckpointError(
             f"Array {array!r}: unsupported dtype {name!r}; expected one of "
             f"{sorted(SUPPORTED_DTYPES)}"
@@ -129,7 +129,7 @@ def decode_metadata(data: bytes, *, source: str) -> CheckpointMetadata:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise CorruptCheckpointError(f"{source}: not a dcheckpoint metadata file")
     version = doc.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # True == 1 in Python
         raise CorruptCheckpointError(
             f"{source}: unknown format version {version!r}; this library reads "
             f"version {FORMAT_VERSION}"
