@@ -1,0 +1,315 @@
+"""The ``dcheckpoint`` console command: see and check checkpoints without writing Python.
+
+  dcheckpoint ls DIR        the committed checkpoints in DIR, the latest marked
+  dcheckpoint inspect CKPT  the tree of arrays of one checkpoint
+  dcheckpoint verify CKPT   read every chunk back and check every checksum and coverage
+
+Each takes ``--json`` for scripts. Locations may be local paths or object store URLs
+(``s3://bucket/run``). Exit status: 0 success, 1 ``verify`` found problems, 2 the
+location is wrong (missing, not a checkpoint, unreadable) or the arguments are.
+Nothing here writes to storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from . import _tensorstore as tsio
+from ._engine import read_metadata, storage_rel
+from ._metadata import METADATA_FILE, CheckpointMetadata
+from ._state_file import STATE_FILENAME, get_checkpoint_state, is_committed
+from ._storage import LocalStorage, open_storage
+from ._verify import VerifyProblem, VerifyReport, verify
+from .errors import CheckpointError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+_NUMBER = re.compile(r"-(\d+)$")
+_READ_WINDOW = 16  # chunks in flight at once when verifying on object stores
+
+
+class UsageError(Exception):
+    """A wrong location or argument; the message says what to do instead."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (see the module docstring)."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, CheckpointError, OSError, ValueError) as error:
+        message = str(error) if isinstance(error, UsageError) else (
+            f"{type(error).__name__}: {error}")
+        if args.json:
+            print(json.dumps({"error": message}))
+        print(f"dcheckpoint {args.command}: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON document")
+    parser = argparse.ArgumentParser(
+        prog="dcheckpoint", description="See and check dcheckpoint checkpoints."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    ls = commands.add_parser("ls", parents=[common], help="list the checkpoints of DIR")
+    ls.add_argument("directory", metavar="DIR")
+    ls.set_defaults(run=_ls)
+    inspect = commands.add_parser("inspect", parents=[common],
+                                  help="show the arrays of one checkpoint")
+    inspect.add_argument("checkpoint", metavar="CKPT")
+    inspect.set_defaults(run=_inspect)
+    check = commands.add_parser("verify", parents=[common],
+                                help="read every chunk back and check it (exit 1 if bad)")
+    check.add_argument("checkpoint", metavar="CKPT")
+    check.set_defaults(run=_verify)
+    return parser
+
+
+# -- ls ------------------------------------------------------------------------------
+
+
+def _ls(args) -> int:
+    directory = args.directory.rstrip("/") or "/"
+    storage = open_storage(directory)
+    if is_committed(directory):
+        raise UsageError(f"{directory} is itself a checkpoint; list its parent, or run "
+                         f"`dcheckpoint inspect {directory}`")
+    names = storage.list_dir()
+    if not names and not storage.exists():
+        raise UsageError(f"{directory}: no such directory")
+    state = get_checkpoint_state(directory)
+    found = [name for name in names if name != STATE_FILENAME
+             and is_committed(storage.join(name))]
+    rows = []
+    for name in tqdm(found, desc="reading metadata", unit="ckpt", disable=_quiet(args)):
+        meta = read_metadata(storage.join(name))
+        match = _NUMBER.search(name)
+        rows.append({
+            "path": storage.join(name),
+            "name": name,
+            "number": int(match.group(1)) if match else None,
+            "save_time": meta.save_time,
+            "bytes": sum(a.nbytes for a in meta.arrays.values()),
+            "arrays": len(meta.arrays),
+        })
+    rows.sort(key=lambda r: (r["number"] is None, r["number"] or 0, r["save_time"], r["name"]))
+    latest = _latest(rows, state)
+    for row in rows:
+        row["latest"] = row["path"] == latest
+    if args.json:
+        print(json.dumps({"directory": directory, "latest": latest, "checkpoints": rows},
+                         indent=1))
+        return EXIT_OK
+    if not rows:
+        print(f"{directory}: no committed checkpoints")
+        return EXIT_OK
+    table = [("", "NUMBER", "SAVED (UTC)", "SIZE", "ARRAYS", "NAME")]
+    for r in rows:
+        table.append(("*" if r["latest"] else "", "-" if r["number"] is None else str(
+            r["number"]), _time(r["save_time"]), _bytes(r["bytes"]), str(r["arrays"]),
+            r["name"]))
+    _print_table(table)
+    print("* latest" + (" (from the state file)" if state else " (most recently saved)"))
+    return EXIT_OK
+
+
+def _latest(rows: list[dict], state) -> str | None:
+    """The state file's latest checkpoint if committed, else the most recently saved."""
+    paths = {r["path"] for r in rows}
+    if state is not None and state.model_checkpoint_path in paths:
+        return state.model_checkpoint_path
+    return max(rows, key=lambda r: r["save_time"])["path"] if rows else None
+
+
+# -- inspect -------------------------------------------------------------------------
+
+
+def _inspect(args) -> int:
+    path = args.checkpoint.rstrip("/") or "/"
+    meta = _read_checkpoint(path)
+    arrays = [
+        {
+            "path": name,
+            "shape": list(a.shape),
+            "dtype": a.dtype.name,
+            "layout": a.layout,
+            "layout_text": _layout_text(a.layout),
+            "chunk_shape": list(a.chunk_shape),
+            "bytes": a.nbytes,
+            "storage_path": a.storage_path,
+        }
+        for name, a in sorted(meta.arrays.items())
+    ]
+    total = sum(a["bytes"] for a in arrays)
+    if args.json:
+        print(json.dumps({"path": path, "save_time": meta.save_time, "writer": meta.writer,
+                          "bytes": total, "arrays": arrays}, indent=1))
+        return EXIT_OK
+    print(f"{path}: {len(arrays)} arrays, {_bytes(total)}, saved {_time(meta.save_time)} "
+          f"UTC by {meta.writer.get('process_count', '?')} process(es)")
+    table = [("ARRAY", "SHAPE", "DTYPE", "SAVED LAYOUT", "SIZE")]
+    shown: set[str] = set()
+    for a in arrays:
+        *groups, leaf = a["path"].split("/")
+        for depth in range(len(groups)):
+            group = "/".join(groups[: depth + 1])
+            if group not in shown:
+                shown.add(group)
+                table.append(("  " * depth + groups[depth] + "/", "", "", "", ""))
+        table.append(("  " * len(groups) + leaf, "x".join(map(str, a["shape"])) or "()",
+                      a["dtype"], a["layout_text"], _bytes(a["bytes"])))
+    _print_table(table)
+    return EXIT_OK
+
+
+def _layout_text(layout: dict | None) -> str:
+    """``[x, unsharded] on mesh x=4 y=2``, or ``host`` (from untrusted JSON: no errors)."""
+    if layout is None:
+        return "host"
+    try:
+        mesh = layout["mesh"]
+        axes = " ".join(f"{n}={s}" for n, s in zip(mesh["axis_names"], mesh["shape"],
+                                                  strict=True))
+        specs = ", ".join(str(s) for s in layout["sharding_specs"])
+        return f"[{specs}] on mesh {axes}"
+    except (KeyError, TypeError, ValueError):
+        return json.dumps(layout)
+
+
+# -- verify --------------------------------------------------------------------------
+
+
+def _verify(args) -> int:
+    path = args.checkpoint.rstrip("/") or "/"
+    meta = _read_checkpoint(path)  # a wrong location is a usage error, not damage
+    if isinstance(open_storage(path), LocalStorage):
+        with tqdm(total=1, desc=f"verifying {path}", disable=_quiet(args),
+                  bar_format="{desc}: {elapsed}") as bar:
+            report = verify(path)
+            bar.update()
+    else:
+        # `verify` walks local files; on object stores read every chunk back instead.
+        report = _verify_by_reading(path, meta, quiet=_quiet(args))
+    problems = [{"array": p.array, "file": p.file, "message": p.message}
+                for p in report.problems]
+    if args.json:
+        print(json.dumps({"path": path, "ok": report.ok,
+                          "arrays_checked": report.arrays_checked,
+                          "chunks_checked": report.chunks_checked,
+                          "bytes_read": report.bytes_read, "problems": problems}, indent=1))
+    else:
+        for array, messages in report.problems_by_array().items():
+            print(f"{array or '<checkpoint>'}:")
+            for message in messages:
+                print(f"  {message}")
+        verdict = "OK" if report.ok else f"FAILED: {len(problems)} problem(s)"
+        print(f"{path}: {verdict} ({report.arrays_checked} arrays, "
+              f"{report.chunks_checked} chunks, {_bytes(report.bytes_read)} read)")
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+def _verify_by_reading(path: str, meta: CheckpointMetadata, *, quiet: bool) -> VerifyReport:
+    """Reads every chunk of every array (a few at a time) and records what fails.
+
+    TensorStore checks each chunk's crc32c and, as the arrays are opened with
+    ``fill_missing_data_reads=False``, reports a missing chunk instead of zeros.
+    """
+    storage = open_storage(path)
+    problems, chunks = [], 0
+    total = sum(math.prod(_grid(a)) for a in meta.arrays.values() if 0 not in a.shape)
+    with tqdm(total=total, desc="verifying", unit="chunk", disable=quiet) as bar:
+        for name, array_meta in sorted(meta.arrays.items()):
+            try:
+                array = tsio.open_for_read(
+                    storage.kvstore_spec(storage_rel(storage, array_meta.storage_path)),
+                    array_meta).result()
+            except Exception as e:  # noqa: BLE001 (reported, never raised)
+                error = tsio.translate_error(e, array=name, where=path)
+                problems.append(VerifyProblem(name, array_meta.storage_path, str(error)))
+                continue
+            grid = _grid(array_meta) if 0 not in array_meta.shape else []
+            coords = list(itertools.product(*(range(n) for n in grid)))
+            for start in range(0, len(coords), _READ_WINDOW):
+                window = [(c, array[_chunk_slices(array_meta, c)].read())
+                          for c in coords[start:start + _READ_WINDOW]]
+                for c, future in window:
+                    file = "/".join([array_meta.storage_path, "c", *map(str, c)])
+                    try:
+                        future.result()
+                        chunks += 1
+                    except Exception as e:  # noqa: BLE001
+                        error = tsio.translate_error(e, array=name, where=path)
+                        problems.append(VerifyProblem(name, file, str(error)))
+                    bar.update()
+    nbytes = sum(a.nbytes for a in meta.arrays.values())
+    return VerifyReport(path, len(meta.arrays), chunks, nbytes, tuple(problems))
+
+
+def _grid(meta) -> list[int]:
+    return [-(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True)]
+
+
+def _chunk_slices(meta, coords) -> tuple[slice, ...]:
+    return tuple(slice(i * c, min((i + 1) * c, s))
+                 for i, c, s in zip(coords, meta.chunk_shape, meta.shape, strict=True))
+
+
+# -- shared --------------------------------------------------------------------------
+
+
+def _read_checkpoint(path: str) -> CheckpointMetadata:
+    """The metadata of ``path``, or a UsageError that says where the checkpoints are."""
+    storage = open_storage(path)
+    if storage.exists(METADATA_FILE):
+        return read_metadata(path)
+    if not storage.exists():
+        raise UsageError(f"{path}: no such checkpoint (nothing exists there)")
+    committed = [storage.join(n) for n in storage.list_dir() if is_committed(storage.join(n))]
+    if committed:
+        state = get_checkpoint_state(path)
+        latest = state.model_checkpoint_path if state else committed[-1]
+        raise UsageError(f"{path} is a directory of {len(committed)} checkpoint(s), not a "
+                         f"checkpoint; try {latest} (see `dcheckpoint ls {path}`)")
+    raise UsageError(f"{path} is not a committed checkpoint: it has no {METADATA_FILE} "
+                     "(an incomplete or interrupted save, or not a dcheckpoint directory)")
+
+
+def _quiet(args) -> bool:
+    """Progress bars only for people: not with --json, not when stderr is redirected."""
+    return args.json or not sys.stderr.isatty()
+
+
+def _time(seconds: float) -> str:
+    stamp = datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+    return stamp.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _bytes(count: int) -> str:
+    """``512 B``, ``1.5 KiB``, ... ``3.0 TiB``."""
+    size, unit = float(count), 0
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    while size >= 1024 and unit < len(units) - 1:
+        size, unit = size / 1024, unit + 1
+    return f"{count} B" if unit == 0 else f"{size:.1f} {units[unit]}"
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
