@@ -164,8 +164,16 @@ def _write_chunks(staged, plan: SavePlan, compression) -> dict[str, list[list[in
         array = opens[path].result()
         for item in items:
             writes.append(array[item.index].write(np.asarray(item.data)))
+    # Wait for every write, even after one failed: the coordinator removes the staging
+    # directory on failure, and a write still in flight would re-create it.
+    failures = []
     for w in writes:
-        w.result()
+        try:
+            w.result()
+        except Exception as e:  # noqa: BLE001 (the first one is raised below)
+            failures.append(e)
+    if failures:
+        raise failures[0]
     return {path: [list(i.chunk) for i in items] for path, items in by_path.items()}
 
 
@@ -308,11 +316,13 @@ def storage_rel(storage, storage_path: str) -> str:
 def _assemble(meta, sharding, parts):
     if sharding is None:
         return parts[0][1] if parts else np.zeros(meta.shape, meta.dtype)
-    shards = []
-    for read, data in parts:
-        shards.extend(jax.device_put(data, d) for d in read.devices)
     if not parts:  # zero-size array
         return jax.device_put(np.zeros(meta.shape, meta.dtype), sharding)
+    # One batched transfer for all shards. The buffers were just read for this call and
+    # nobody else holds them, so devices may alias them (on CPU: no second copy).
+    values = [data for read, data in parts for _ in read.devices]
+    devices = [d for read, _ in parts for d in read.devices]
+    shards = jax.device_put(values, devices, may_alias=True)
     return jax.make_array_from_single_device_arrays(meta.shape, sharding, shards)
 
 

@@ -29,13 +29,22 @@ _COMPRESSION_CODECS = {
 }
 
 _CONTEXT = None
+_FILE_IO_CONCURRENCY = 32  # concurrent blocking file calls (mostly waiting on the disk)
 
 
 def context() -> ts.Context:
-    """One shared context, so all arrays share TensorStore's I/O concurrency limits."""
+    """One shared context, so all arrays share TensorStore's I/O concurrency limits.
+
+    A save or restore issues every chunk at once; TensorStore's default file I/O limit
+    (about the core count) would let only a few blocking read/write+fsync calls run
+    while the disk could take many, so the file limit is sized for I/O waits, not CPU.
+    """
     global _CONTEXT
     if _CONTEXT is None:
-        _CONTEXT = ts.Context({"file_io_sync": True})
+        _CONTEXT = ts.Context({
+            "file_io_sync": True,
+            "file_io_concurrency": {"limit": _FILE_IO_CONCURRENCY},
+        })
     return _CONTEXT
 
 
