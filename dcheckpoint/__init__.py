@@ -4,6 +4,7 @@ from ._checkpoint import Checkpoint
 from ._dtensor import DTensorCheckpoint
 from ._engine import read_metadata
 from ._exporting import ExportingCheckpointManager, LoadedSavedModel, load_savedmodel
+from ._lock import DirectoryLock
 from ._manager import CheckpointManager, checkpoints_iterator, wait_for_new_checkpoint
 from ._metadata import ArrayMetadata, CheckpointMetadata
 from ._options import CheckpointOptions
@@ -12,6 +13,7 @@ from ._state_file import CheckpointState, get_checkpoint_state, latest_checkpoin
 from ._status import CheckpointAssertionError, CheckpointLoadStatus, InitializationOnlyStatus
 from ._tracking import AutoTrackable
 from ._variable import Variable
+from ._verify import VerifyProblem, VerifyReport, verify
 from .errors import (
     CheckpointError,
     CheckpointLockedError,
@@ -40,6 +42,10 @@ __all__ = [
     "DTensorCheckpoint",
     "InitializationOnlyStatus",
     "Variable",
+    "DirectoryLock",
+    "VerifyProblem",
+    "VerifyReport",
+    "verify",
     "CheckpointError",
     "CheckpointLockedError",
     "CheckpointMetadata",

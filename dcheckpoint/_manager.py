@@ -22,8 +22,10 @@ import logging
 import os
 import threading
 import time
+import weakref
 
 from ._comm import default_communicator
+from ._lock import DirectoryLock
 from ._options import CheckpointOptions
 from ._state_file import (
     CheckpointState,
@@ -35,10 +37,37 @@ from ._state_file import (
     write_checkpoint_state,
 )
 from ._storage import open_storage
+from .errors import CheckpointError
 
 __all__ = ["CheckpointManager", "checkpoints_iterator", "wait_for_new_checkpoint"]
 
 logger = logging.getLogger(__name__)
+
+# Writer locks this process holds: {directory: [DirectoryLock, number of managers]}.
+# Managers of one process share their directory's lock (tests and notebooks make a new
+# manager for a directory whose old one is still alive); another process is refused.
+_HELD_LOCKS: dict[str, list] = {}
+_HELD_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_directory(directory: str) -> DirectoryLock:
+    with _HELD_LOCKS_GUARD:
+        entry = _HELD_LOCKS.get(directory)
+        if entry is None:
+            entry = _HELD_LOCKS[directory] = [DirectoryLock(directory).acquire(), 0]
+        entry[1] += 1
+        return entry[0]
+
+
+def _unlock_directory(directory: str) -> None:
+    with _HELD_LOCKS_GUARD:
+        entry = _HELD_LOCKS.get(directory)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _HELD_LOCKS[directory]
+            entry[0].release()
 
 
 def _now() -> float:
@@ -114,9 +143,20 @@ class CheckpointManager:
         self._start()
 
     def _start(self) -> None:
-        """Cleans crashed saves (coordinator), then loads the state file (all)."""
-        open_storage(self._directory).make_dirs()
+        """Locks the directory and cleans crashed saves (coordinator), then loads the
+        state file (all).
+
+        The lock comes first: without it, cleaning would delete the staging directory
+        of another job that is saving into the same directory right now.
+        """
+        storage = open_storage(self._directory)
+        storage.make_dirs()
+        self._writer_lock = None
         if self._comm.is_coordinator:
+            if storage.renames_atomically:  # a local filesystem: O_EXCL files work
+                key = os.path.realpath(self._directory)
+                self._writer_lock = _lock_directory(key)
+                weakref.finalize(self, _unlock_directory, key)
             self._remove_leftovers()
         # Nobody reads the directory before the coordinator has cleaned it.
         self._comm.barrier(
@@ -254,9 +294,18 @@ class CheckpointManager:
             self._maybe_delete.pop(save_path, None)
             self._maybe_delete[save_path] = _now()
             self._latest_checkpoint = save_path
-            self._record_state()
-            if self._sweep():
+            try:
+                if self._writer_lock is not None:
+                    self._writer_lock.refresh()
                 self._record_state()
+                if self._sweep():
+                    self._record_state()
+            except OSError as e:
+                raise CheckpointError(
+                    f"Checkpoint {save_path!r} is committed and restorable, but updating "
+                    f"the state file or deleting old checkpoints in {self._directory!r} "
+                    f"failed: {e}"
+                ) from e
 
     def _record_state(self) -> None:
         if not self._comm.is_coordinator:

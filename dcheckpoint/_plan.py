@@ -71,7 +71,9 @@ def plan_save(arrays: Mapping[str, Any], *, is_coordinator: bool) -> SavePlan:
     """Plans a save of ``{logical path: array}``.
 
     jax.Arrays contribute the shards this process holds as replica 0; host values
-    (numpy arrays, Python scalars) are one chunk written by the coordinator alone.
+    (numpy arrays, Python scalars) are one chunk written by the coordinator alone. So
+    is a jax.Array that lives only on this process's devices in a multi-process job:
+    every process holds its own copy, and the coordinator's copy is the one saved.
 
     Raises:
       ValueError: a path is malformed or a dtype cannot be stored.
@@ -79,13 +81,17 @@ def plan_save(arrays: Mapping[str, Any], *, is_coordinator: bool) -> SavePlan:
     metas: dict[str, ArrayMetadata] = {}
     writes: list[WriteItem] = []
     for path, value in arrays.items():
-        if isinstance(value, jax.Array):
+        if isinstance(value, jax.Array) and not _is_process_local(value):
             meta, items = _plan_jax_array(path, value)
         else:
             meta, items = _plan_host_value(path, value, is_coordinator)
         metas[path] = meta
         writes.extend(items)
     return SavePlan(arrays=metas, writes=tuple(writes))
+
+
+def _is_process_local(value: jax.Array) -> bool:
+    return jax.process_count() > 1 and value.is_fully_addressable
 
 
 def _array_metadata(path: str, shape, dtype, shard_shape, layout) -> ArrayMetadata:

@@ -38,6 +38,7 @@ def test_restore_on_other_process_counts_and_meshes(saved, processes, devices, m
     assert len(out) == processes
     for r in out:
         assert r["bad"] == [] and r["step"] == 42 and r["devices"] == processes * devices
+        assert r["local"] == [7.0, 7.0, 7.0]  # process 0's copy of a process-local value
         assert r["checked"] == 4 * devices  # every local device's shard of 4 arrays
 
 

@@ -57,7 +57,7 @@ def test_artifacts_follow_the_checkpoints_retention(tmp_path):
     assert names(manager.get_existing_savedmodels()) == ["savedmodel-2", "savedmodel-3"]
     assert manager.latest_savedmodel == str(tmp_path / "savedmodel-3")
     assert sorted(os.listdir(tmp_path)) == [
-        "checkpoint", "ckpt-2", "ckpt-3", "savedmodel-2", "savedmodel-3"]
+        ".dcheckpoint.lock", "checkpoint", "ckpt-2", "ckpt-3", "savedmodel-2", "savedmodel-3"]
     manifest = json.loads((tmp_path / "savedmodel-3" / "manifest.json").read_text())
     assert manifest["number"] == 3 and manifest["param_count"] == 2
 

@@ -1,5 +1,6 @@
 """CheckpointManager and checkpoints_iterator on real checkpoints, as TF's tests check them."""
 
+import gc
 import json
 import os
 import queue
@@ -12,6 +13,7 @@ import pytest
 
 from dcheckpoint import _manager
 from dcheckpoint._checkpoint import Checkpoint
+from dcheckpoint._lock import LOCK_FILENAME
 from dcheckpoint._manager import CheckpointManager, checkpoints_iterator
 from dcheckpoint._options import CheckpointOptions
 from dcheckpoint._state_file import STATE_FILENAME, get_checkpoint_state, latest_checkpoint
@@ -22,7 +24,9 @@ WORKER = REPO_ROOT / "tests" / "workers" / "manager_worker.py"
 
 
 def on_disk(directory):
-    return sorted(name for name in os.listdir(directory) if name != STATE_FILENAME)
+    return sorted(
+        name for name in os.listdir(directory) if name not in (STATE_FILENAME, LOCK_FILENAME)
+    )
 
 
 def numbered(directory, *numbers, name="ckpt"):
@@ -179,6 +183,8 @@ def test_second_manager_in_a_new_process_continues(tmp_path):
     manager = CheckpointManager(make_checkpoint(), tmp_path, max_to_keep=2)
     for _ in range(3):
         manager.save()
+    del manager  # the job ends: its writer lock goes with it
+    gc.collect()
     completed = subprocess.run(
         [sys.executable, str(WORKER), "continue", str(tmp_path)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
@@ -189,6 +195,21 @@ def test_second_manager_in_a_new_process_continues(tmp_path):
     assert found["restored"] == "ckpt-3"
     assert found["after"] == ["ckpt-3", "ckpt-4"]
     assert on_disk(tmp_path) == ["ckpt-3", "ckpt-4"]
+
+
+def test_a_manager_in_another_process_is_refused_while_one_is_alive(tmp_path):
+    manager = CheckpointManager(make_checkpoint(), tmp_path, max_to_keep=2)
+    manager.save()
+    completed = subprocess.run(
+        [sys.executable, str(WORKER), "continue", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode != 0
+    assert "CheckpointLockedError" in completed.stderr
+    assert f"pid {os.getpid()}" in completed.stderr  # names the live holder
+    assert on_disk(tmp_path) == ["ckpt-1"]  # the refused manager cleaned nothing
+    manager.save()
+    assert on_disk(tmp_path) == ["ckpt-1", "ckpt-2"]
 
 
 def test_two_processes_write_the_state_and_delete_once(tmp_path):

@@ -40,16 +40,20 @@ if mode == "save":
         values = expected(name)
         tree[name] = jax.make_array_from_callback(
             values.shape, NamedSharding(mesh, spec), lambda idx, v=values: v[idx])
-    path = dcheckpoint.save_pytree(directory, {"model": tree, "step": np.int32(42)})
+    # A value each process holds on its own devices only: the coordinator's copy is saved.
+    local = jax.device_put(np.full(3, 7.0 + info.process_index, np.float32),
+                           jax.local_devices()[0])
+    path = dcheckpoint.save_pytree(directory, {"model": tree, "step": np.int32(42),
+                                               "local": local})
     print("RESULT " + json.dumps({"rank": info.process_index, "path": path}), flush=True)
 else:
     if mesh_text == "host":
-        target = {"model": {name: None for name in SPECS}, "step": None}
+        target = {"model": {name: None for name in SPECS}, "step": None, "local": None}
     else:
         mesh = make_mesh(mesh_text)
         # Transposed specs on purpose: every array lands on a different layout than saved.
         target = {"model": {name: NamedSharding(mesh, P(*reversed(spec)))
-                            for name, spec in SPECS.items()}, "step": None}
+                            for name, spec in SPECS.items()}, "step": None, "local": None}
     out = dcheckpoint.restore_pytree(directory, target)
     checked, bad = 0, []
     for name in SPECS:
@@ -66,4 +70,5 @@ else:
     print("RESULT " + json.dumps({
         "rank": info.process_index, "checked": checked, "bad": bad,
         "step": int(out["step"]), "devices": jax.device_count(),
+        "local": out["local"].tolist(),
     }), flush=True)
