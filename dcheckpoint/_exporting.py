@@ -106,6 +106,11 @@ class ExportingCheckpointManager(CheckpointManager):
         savedmodel_name="savedmodel",
         platforms=None,
     ):
+        if "://" in os.fspath(directory):
+            raise ValueError(
+                f"ExportingCheckpointManager writes serving artifacts to a local or shared "
+                f"filesystem only; got the object store location {directory!r}"
+            )
         if savedmodel_name == checkpoint_name:
             raise ValueError(
                 f"savedmodel_name and checkpoint_name must differ, both are {savedmodel_name!r}"

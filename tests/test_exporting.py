@@ -127,6 +127,12 @@ def test_names_must_differ(tmp_path):
         make_model(tmp_path, savedmodel_name="ckpt")
 
 
+def test_object_store_locations_are_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ValueError, match="local or shared filesystem only.*s3://bucket/run"):
+        make_model("s3://bucket/run")
+    assert not os.path.exists("s3:")
+
+
 def test_loader_errors(tmp_path):
     with pytest.raises(CheckpointNotFoundError, match="No exported artifact"):
         load_savedmodel(tmp_path / "savedmodel-9")
