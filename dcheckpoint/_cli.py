@@ -14,28 +14,24 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 import json
-import math
 import re
 import sys
 from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from . import _tensorstore as tsio
-from ._engine import read_metadata, storage_rel
+from ._engine import read_metadata
 from ._metadata import METADATA_FILE, CheckpointMetadata
 from ._state_file import STATE_FILENAME, get_checkpoint_state, is_committed
-from ._storage import LocalStorage, open_storage
-from ._verify import VerifyProblem, VerifyReport, verify
+from ._storage import open_storage
+from ._verify import chunk_count, verify
 from .errors import CheckpointError
 
 __all__ = ["main"]
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
 _NUMBER = re.compile(r"-(\d+)$")
-_READ_WINDOW = 16  # chunks in flight at once when verifying on object stores
 
 
 class UsageError(Exception):
@@ -194,14 +190,9 @@ def _layout_text(layout: dict | None) -> str:
 def _verify(args) -> int:
     path = args.checkpoint.rstrip("/") or "/"
     meta = _read_checkpoint(path)  # a wrong location is a usage error, not damage
-    if isinstance(open_storage(path), LocalStorage):
-        with tqdm(total=1, desc=f"verifying {path}", disable=_quiet(args),
-                  bar_format="{desc}: {elapsed}") as bar:
-            report = verify(path)
-            bar.update()
-    else:
-        # `verify` walks local files; on object stores read every chunk back instead.
-        report = _verify_by_reading(path, meta, quiet=_quiet(args))
+    with tqdm(total=chunk_count(meta), desc="verifying", unit="chunk",
+              disable=_quiet(args)) as bar:
+        report = verify(path, progress=bar)
     problems = [{"array": p.array, "file": p.file, "message": p.message}
                 for p in report.problems]
     if args.json:
@@ -218,52 +209,6 @@ def _verify(args) -> int:
         print(f"{path}: {verdict} ({report.arrays_checked} arrays, "
               f"{report.chunks_checked} chunks, {_bytes(report.bytes_read)} read)")
     return EXIT_OK if report.ok else EXIT_PROBLEMS
-
-
-def _verify_by_reading(path: str, meta: CheckpointMetadata, *, quiet: bool) -> VerifyReport:
-    """Reads every chunk of every array (a few at a time) and records what fails.
-
-    TensorStore checks each chunk's crc32c and, as the arrays are opened with
-    ``fill_missing_data_reads=False``, reports a missing chunk instead of zeros.
-    """
-    storage = open_storage(path)
-    problems, chunks = [], 0
-    total = sum(math.prod(_grid(a)) for a in meta.arrays.values() if 0 not in a.shape)
-    with tqdm(total=total, desc="verifying", unit="chunk", disable=quiet) as bar:
-        for name, array_meta in sorted(meta.arrays.items()):
-            try:
-                array = tsio.open_for_read(
-                    storage.kvstore_spec(storage_rel(storage, array_meta.storage_path)),
-                    array_meta).result()
-            except Exception as e:  # noqa: BLE001 (reported, never raised)
-                error = tsio.translate_error(e, array=name, where=path)
-                problems.append(VerifyProblem(name, array_meta.storage_path, str(error)))
-                continue
-            grid = _grid(array_meta) if 0 not in array_meta.shape else []
-            coords = list(itertools.product(*(range(n) for n in grid)))
-            for start in range(0, len(coords), _READ_WINDOW):
-                window = [(c, array[_chunk_slices(array_meta, c)].read())
-                          for c in coords[start:start + _READ_WINDOW]]
-                for c, future in window:
-                    file = "/".join([array_meta.storage_path, "c", *map(str, c)])
-                    try:
-                        future.result()
-                        chunks += 1
-                    except Exception as e:  # noqa: BLE001
-                        error = tsio.translate_error(e, array=name, where=path)
-                        problems.append(VerifyProblem(name, file, str(error)))
-                    bar.update()
-    nbytes = sum(a.nbytes for a in meta.arrays.values())
-    return VerifyReport(path, len(meta.arrays), chunks, nbytes, tuple(problems))
-
-
-def _grid(meta) -> list[int]:
-    return [-(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True)]
-
-
-def _chunk_slices(meta, coords) -> tuple[slice, ...]:
-    return tuple(slice(i * c, min((i + 1) * c, s))
-                 for i, c, s in zip(coords, meta.chunk_shape, meta.shape, strict=True))
 
 
 # -- shared --------------------------------------------------------------------------

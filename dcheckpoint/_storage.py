@@ -82,6 +82,18 @@ class LocalStorage:
         except (FileNotFoundError, NotADirectoryError):
             return []
 
+    def list_files(self, relpath: str = "") -> list[str]:
+        """Sorted paths, relative to ``relpath`` and "/"-separated, of every file under it.
+
+        Links to directories are not followed (`verify` reports links separately).
+        """
+        root = os.path.join(self.path, relpath)
+        found = []
+        for dirpath, _, filenames in os.walk(root):
+            found.extend(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+                         for f in filenames)
+        return sorted(found)
+
     def remove(self, relpath: str) -> bool:
         """Deletes one file or sub-tree (a link itself, never its target) durably.
 
@@ -283,6 +295,12 @@ class ObjectStorage:
         key = self.resolve_key(relpath) if relpath else ""
         prefix = f"{key}/" if key else ""
         return sorted({k[len(prefix):].split("/", 1)[0] for k in self._keys(prefix)})
+
+    def list_files(self, relpath: str = "") -> list[str]:
+        """Sorted keys, relative to ``relpath``, of every object under ``relpath/``."""
+        key = self.resolve_key(relpath) if relpath else ""
+        prefix = f"{key}/" if key else ""
+        return sorted(k[len(prefix):] for k in self._keys(prefix))
 
     def remove(self, relpath: str) -> bool:
         """Deletes the object ``relpath`` and everything under ``relpath/``.

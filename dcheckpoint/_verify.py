@@ -5,6 +5,8 @@ operator deciding whether weeks of training are safe wants the full picture inst
 every chunk of every array read and checked against its crc32c, every array's chunk
 grid covered exactly by files, no symbolic links, no stray files. ``verify`` never
 raises on a damaged checkpoint; it returns a report listing each problem by array.
+It works on local directories and object stores alike, through `open_storage`; the
+checks that need a filesystem (links, file sizes) run on local directories only.
 
 Memory stays bounded by a few chunks: chunks are read in small windows, and an
 uncompressed chunk whose file has the wrong size is reported without being decoded.
@@ -19,11 +21,11 @@ import os
 
 from . import _tensorstore as tsio
 from ._engine import read_metadata
-from ._metadata import ArrayMetadata
-from ._storage import LocalStorage, open_storage
+from ._metadata import ArrayMetadata, CheckpointMetadata
+from ._storage import LocalStorage, ObjectStorage, open_storage
 from .errors import CheckpointError, CorruptCheckpointError
 
-__all__ = ["verify", "VerifyReport", "VerifyProblem"]
+__all__ = ["verify", "chunk_count", "VerifyReport", "VerifyProblem"]
 
 _READ_WINDOW = 16  # chunks in flight at once
 _CRC32C_BYTES = 4
@@ -52,7 +54,8 @@ class VerifyReport:
       path: the checkpoint directory.
       arrays_checked: arrays listed in the metadata.
       chunks_checked: chunk files read and decoded.
-      bytes_read: size of the chunk files read, in bytes.
+      bytes_read: size of the chunk files read, in bytes (on object stores, which list
+        no sizes: the stored size of uncompressed chunks, else their decoded size).
       problems: everything wrong, in the order found; empty for a sound checkpoint.
     """
 
@@ -87,8 +90,19 @@ class VerifyReport:
             )
 
 
-def verify(path: str | os.PathLike) -> VerifyReport:
+def verify(path: str | os.PathLike, *, progress=None) -> VerifyReport:
     """Reads every chunk of the checkpoint at ``path`` and checks it.
+
+    Works on local directories and on object stores (``s3://``, ``gs://``) alike.
+    Some checks need a filesystem and run only on local directories: symbolic links,
+    and the size of an uncompressed chunk file before it is decoded. On an object
+    store a truncated chunk still fails its crc32c when it is read.
+
+    Args:
+      path: a checkpoint directory or object store URL.
+      progress: optional; called with the number of chunks just checked (a count to
+        add, like ``tqdm.update``), or an object with such an ``update`` method, such
+        as a tqdm bar of total `chunk_count` of the metadata.
 
     Returns:
       A `VerifyReport`; ``report.ok`` is True only if the metadata is valid, every
@@ -99,8 +113,9 @@ def verify(path: str | os.PathLike) -> VerifyReport:
     """
     path = os.fspath(path)
     storage = open_storage(path)
+    advance = getattr(progress, "update", progress) or (lambda n: None)
     problems: list[VerifyProblem] = [
-        VerifyProblem(None, rel, message) for rel, message in _symlinks(storage.path)
+        VerifyProblem(None, rel, message) for rel, message in _symlinks(storage)
     ]
     try:
         metadata = read_metadata(path)
@@ -109,21 +124,41 @@ def verify(path: str | os.PathLike) -> VerifyReport:
         return VerifyReport(path, 0, 0, 0, tuple(problems))
     chunks = nbytes = 0
     for name in sorted(metadata.arrays):
-        checker = _ArrayChecker(storage, name, metadata.arrays[name])
+        checker = _ArrayChecker(storage, name, metadata.arrays[name], advance)
         checker.run()
+        # Chunks never read (missing, wrong size, array unreadable) still count as done.
+        if left := _chunk_total(metadata.arrays[name]) - checker.advanced:
+            advance(left)
         chunks += checker.chunks
         nbytes += checker.nbytes
         problems.extend(checker.problems)
     return VerifyReport(path, len(metadata.arrays), chunks, nbytes, tuple(problems))
 
 
-def _symlinks(root: str) -> list[tuple[str, str]]:
+def chunk_count(metadata: CheckpointMetadata) -> int:
+    """How many chunks `verify` checks in a checkpoint: the ``total`` of a progress bar."""
+    return sum(_chunk_total(a) for a in metadata.arrays.values())
+
+
+def _grid_shape(meta: ArrayMetadata) -> list[int]:
+    """Chunks along each dimension."""
+    return [-(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True)]
+
+
+def _chunk_total(meta: ArrayMetadata) -> int:
+    return 0 if 0 in meta.shape else math.prod(_grid_shape(meta))
+
+
+def _symlinks(storage: LocalStorage | ObjectStorage) -> list[tuple[str, str]]:
+    """Links in a local directory, which could lead reads outside it (objects: none)."""
+    if not isinstance(storage, LocalStorage):
+        return []
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(storage.path):
         for name in dirnames + filenames:
             full = os.path.join(dirpath, name)
             if os.path.islink(full):
-                found.append((os.path.relpath(full, root),
+                found.append((os.path.relpath(full, storage.path),
                               f"is a symbolic link to {os.readlink(full)!r}; expected a "
                               "plain file or directory"))
     return found
@@ -132,9 +167,10 @@ def _symlinks(root: str) -> list[tuple[str, str]]:
 class _ArrayChecker:
     """Checks one array: zarr.json, grid coverage, chunk sizes and checksums."""
 
-    def __init__(self, storage: LocalStorage, name: str, meta: ArrayMetadata):
-        self.storage, self.name, self.meta = storage, name, meta
-        self.chunks = self.nbytes = 0
+    def __init__(self, storage: LocalStorage | ObjectStorage, name: str,
+                 meta: ArrayMetadata, advance):
+        self.storage, self.name, self.meta, self.advance = storage, name, meta, advance
+        self.chunks = self.nbytes = self.advanced = 0
         self.problems: list[VerifyProblem] = []
 
     def problem(self, file: str | None, message: str) -> None:
@@ -160,26 +196,17 @@ class _ArrayChecker:
                          f"chunk shape {list(stored_chunk)}, expected "
                          f"{list(self.meta.chunk_shape)} from the metadata")
             return
-        codecs = zarr_meta["codecs"]
         raw_size = None  # exact file size, known when no codec changes the length
-        if [c["name"] for c in codecs] == ["bytes", "crc32c"]:
+        if [c["name"] for c in zarr_meta["codecs"]] == ["bytes", "crc32c"]:
             raw_size = math.prod(self.meta.chunk_shape) * self.meta.dtype.itemsize
             raw_size += _CRC32C_BYTES
-        expected = self._check_coverage()
         window = []
-        for coords, rel in expected:
+        for coords, rel in self._check_coverage():
             if self._check_size(rel, raw_size):
                 window.append((rel, array[self._slices(coords)].read()))
             if len(window) >= _READ_WINDOW:
                 self._collect(window)
         self._collect(window)
-
-    def _grid(self) -> list[tuple[int, ...]]:
-        if 0 in self.meta.shape:
-            return []
-        counts = [-(-s // c) for s, c in zip(self.meta.shape, self.meta.chunk_shape,
-                                             strict=True)]
-        return list(itertools.product(*(range(n) for n in counts)))
 
     def _slices(self, coords) -> tuple[slice, ...]:
         return tuple(slice(i * c, min((i + 1) * c, s))
@@ -189,30 +216,30 @@ class _ArrayChecker:
     def _check_coverage(self) -> list[tuple[tuple[int, ...], str]]:
         """Every grid chunk has its file, and no file lies outside the grid."""
         base = self.meta.storage_path
-        expected = [(c, "/".join([base, "c", *map(str, c)])) for c in self._grid()]
-        present = set()
-        chunk_root = os.path.join(self.storage.path, base, "c")
-        for dirpath, _, filenames in os.walk(chunk_root):
-            for f in filenames:
-                rel = os.path.relpath(os.path.join(dirpath, f), self.storage.path)
-                present.add(rel.replace(os.sep, "/"))
-        if os.path.isfile(chunk_root):  # a rank-0 array's single chunk is "c" itself
-            present.add(f"{base}/c")
+        coords = [] if 0 in self.meta.shape else itertools.product(
+            *(range(n) for n in _grid_shape(self.meta)))
+        expected = [(c, "/".join([base, "c", *map(str, c)])) for c in coords]
+        # A rank-0 array's single chunk is the file "c" itself, so list the array.
+        present = {f"{base}/{f}" for f in self.storage.list_files(base)
+                   if f == "c" or f.startswith("c/")}
         wanted = {rel for _, rel in expected}
         for rel in sorted(present - wanted):
             self.problem(rel, "unexpected file: not a chunk of the array's grid "
-                         f"(grid {self._grid_shape()})")
-        missing = [(c, rel) for c, rel in expected if rel not in present]
-        for _, rel in missing:
-            self.problem(rel, "missing chunk file: expected every chunk of the grid "
-                         f"{self._grid_shape()} to be stored, found no file")
+                         f"(grid {_grid_shape(self.meta)})")
+        for _, rel in expected:
+            if rel not in present:
+                self.problem(rel, "missing chunk file: expected every chunk of the grid "
+                             f"{_grid_shape(self.meta)} to be stored, found no file")
         return [(c, rel) for c, rel in expected if rel in present]
 
-    def _grid_shape(self) -> list[int]:
-        return [-(-s // c) for s, c in zip(self.meta.shape, self.meta.chunk_shape,
-                                           strict=True)]
-
     def _check_size(self, rel: str, raw_size: int | None) -> bool:
+        """Counts a chunk's bytes before it is read; False if its file has the wrong size."""
+        if not isinstance(self.storage, LocalStorage):
+            # Object stores list no sizes: count the stored (else the decoded) size;
+            # a truncated chunk fails its crc32c when read.
+            self.nbytes += raw_size or math.prod(self.meta.chunk_shape) * \
+                self.meta.dtype.itemsize
+            return True
         size = os.path.getsize(os.path.join(self.storage.path, rel))
         if raw_size is not None and size != raw_size:
             self.problem(rel, f"chunk file is {size} bytes, expected {raw_size} "
@@ -229,4 +256,7 @@ class _ArrayChecker:
             except Exception as e:  # noqa: BLE001 (reported, never raised)
                 error = tsio.translate_error(e, array=self.name, where=self.storage.path)
                 self.problem(rel, str(error))
+        if window:
+            self.advance(len(window))
+            self.advanced += len(window)
         window.clear()

@@ -261,5 +261,26 @@ def test_command_line_verify_on_s3_finds_a_flipped_byte_and_a_missing_chunk(buck
     assert storage.remove("w/c/3/1") is True
     assert main(["verify", path, "--json"]) == 1
     problems = json.loads(capsys.readouterr().out)["problems"]
-    assert [(p["array"], p["file"]) for p in problems] == [("w", "w/c/1/0"), ("w", "w/c/3/1")]
-    assert "crc32c" in problems[0]["message"] and "missing" in problems[1]["message"]
+    # Coverage first (missing, stray), then each chunk that failed its read.
+    assert [(p["array"], p["file"]) for p in problems] == [("w", "w/c/3/1"), ("w", "w/c/1/0")]
+    assert "missing chunk file" in problems[0]["message"] and "crc32c" in problems[1]["message"]
+
+
+def test_verify_on_s3_reports_stray_and_missing_chunk_objects(bucket):
+    values = np.arange(32, dtype=np.float32).reshape(8, 4)
+    path = dcheckpoint.save_pytree(
+        f"{bucket}/coverage", {"w": _sharded(_mesh((4, 2)), P("x", "y"), values)})
+    storage = open_storage(path)
+    chunk = storage.read_bytes("w/c/0/0", max_bytes=1 << 20)
+    storage.write_bytes_atomic("w/c/4/0", chunk)  # grid is [4, 2]: row 4 is outside it
+    assert storage.remove("w/c/2/1") is True
+    steps = []
+    report = dcheckpoint.verify(path, progress=steps.append)
+    assert [(p.array, p.file, p.message) for p in report.problems] == [
+        ("w", "w/c/4/0", "unexpected file: not a chunk of the array's grid (grid [4, 2])"),
+        ("w", "w/c/2/1", "missing chunk file: expected every chunk of the grid [4, 2] to "
+                         "be stored, found no file"),
+    ]
+    assert (report.arrays_checked, report.chunks_checked, sum(steps)) == (1, 7, 8)
+    assert report.bytes_read == 7 * (2 * 2 * 4 + 4)  # stored size: data plus crc32c
+    assert storage.list_files("w/c/3") == ["0", "1"]

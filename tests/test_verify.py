@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from dcheckpoint._engine import save_arrays
-from dcheckpoint._verify import VerifyReport, verify
+from dcheckpoint._engine import read_metadata, save_arrays
+from dcheckpoint._storage import open_storage
+from dcheckpoint._verify import VerifyReport, chunk_count, verify
 from dcheckpoint.errors import CorruptCheckpointError
 
 # 8 chunks of 2 rows (sharded over 8 devices), a scalar, an empty array, a nested path.
@@ -100,3 +101,31 @@ def test_symlinks_and_zarr_json_damage(checkpoint, tmp_path):
     assert ("model/weights", "model/weights") in files  # refused as outside
     assert ("step", "step/zarr.json") in files
     assert "outside the checkpoint directory" in report.problems_by_array()["model/weights"][0]
+
+
+def test_progress_counts_every_chunk_once_read_or_not(checkpoint):
+    os.remove(os.path.join(checkpoint, "model/weights/c/2/0"))
+    steps = []
+    report = verify(checkpoint, progress=steps.append)
+    assert chunk_count(read_metadata(checkpoint)) == 9
+    assert sum(steps) == 9 and all(n > 0 for n in steps)
+    assert report.chunks_checked == 8  # the missing chunk is counted done, not checked
+
+    class Bar:  # tqdm-like: progress goes to its update method
+        n = 0
+
+        def update(self, n):
+            self.n += n
+
+    bar = Bar()
+    verify(checkpoint, progress=bar)
+    assert bar.n == 9
+
+
+def test_list_files_is_recursive_and_relative(checkpoint):
+    storage = open_storage(checkpoint)
+    assert storage.list_files("model/weights") == ["c/0/0", "c/1/0", "c/2/0", "c/3/0",
+                                                   "c/4/0", "c/5/0", "c/6/0", "c/7/0",
+                                                   "zarr.json"]
+    assert storage.list_files("step") == ["c", "zarr.json"]
+    assert storage.list_files("nowhere") == []
