@@ -19,13 +19,14 @@ its own devices need, straight into arrays for those devices.
 
 from __future__ import annotations
 
+import collections
 import json
+import math
 import os
 import socket
 import time
 import uuid
 from collections.abc import Mapping
-from concurrent.futures import Future
 from typing import Any
 
 import jax
@@ -163,7 +164,10 @@ def _write_chunks(staged, plan: SavePlan, compression) -> dict[str, list[list[in
     for path, items in by_path.items():
         array = opens[path].result()
         for item in items:
-            writes.append(array[item.index].write(np.asarray(item.data)))
+            # The data outlives the write (jax.Arrays are immutable; async saves write
+            # their own snapshot), so TensorStore may encode from it without a copy.
+            writes.append(array[item.index].write(
+                np.asarray(item.data), can_reference_source_data_indefinitely=True))
     # Wait for every write, even after one failed: the coordinator removes the staging
     # directory on failure, and a write still in flight would re-create it.
     failures = []
@@ -295,16 +299,41 @@ def restore_arrays(
         )
         for path, (_, reads) in plans.items() if reads
     }
-    pending: dict[str, list[tuple[Any, Future]]] = {}
+    jobs = []
     for path, (_, reads) in plans.items():
         array = _result(opened[path], path, directory) if path in opened else None
-        pending[path] = [(r, array[r.index].read()) for r in reads if array is not None]
-    results = {}
-    for path, (sharding, _) in plans.items():
-        meta = metadata.arrays[path]
-        parts = [(r, _result(f, path, directory)) for r, f in pending[path]]
-        results[path] = _assemble(meta, sharding, parts)
-    return results
+        jobs.extend((path, array, r) for r in reads if array is not None)
+    parts = _read_windowed(jobs, metadata, directory)
+    return {
+        path: _assemble(metadata.arrays[path], sharding, parts.get(path, []))
+        for path, (sharding, _) in plans.items()
+    }
+
+
+def _read_windowed(jobs, metadata, directory) -> dict[str, list]:
+    """Runs every read with at most ``_READ_WINDOW_BYTES`` in flight; {path: parts}.
+
+    The window keeps the disk and TensorStore's threads busy while bounding the memory
+    beyond the restored arrays themselves: a read in flight holds TensorStore's buffer
+    and its output at once, so issuing all reads together would double the peak.
+    """
+    parts: dict[str, list] = {}
+    in_flight: collections.deque = collections.deque()
+    in_flight_bytes = 0
+    jobs = collections.deque(jobs)
+    while jobs or in_flight:
+        while jobs and (not in_flight or in_flight_bytes < _READ_WINDOW_BYTES):
+            path, array, read = jobs.popleft()
+            nbytes = metadata.arrays[path].dtype.itemsize * math.prod(
+                s.stop - s.start for s in read.index)
+            in_flight.append((path, read, nbytes, array[read.index].read()))
+            in_flight_bytes += nbytes
+        path, read, nbytes, future = in_flight.popleft()
+        in_flight_bytes -= nbytes
+        data = _result(future, path, directory)
+        del future  # drop TensorStore's buffer as soon as it is copied out
+        parts.setdefault(path, []).append((read, _adoptable(data, read.devices)))
+    return parts
 
 
 def storage_rel(storage, storage_path: str) -> str:
@@ -313,17 +342,37 @@ def storage_rel(storage, storage_path: str) -> str:
     return storage_path
 
 
+_CPU_ALIGN = 64  # bytes; XLA's CPU client aliases host buffers aligned to this
+_READ_WINDOW_BYTES = 64 << 20  # restore reads in flight at once (see _read_windowed)
+
+
 def _assemble(meta, sharding, parts):
     if sharding is None:
         return parts[0][1] if parts else np.zeros(meta.shape, meta.dtype)
     if not parts:  # zero-size array
         return jax.device_put(np.zeros(meta.shape, meta.dtype), sharding)
-    # One batched transfer for all shards. The buffers were just read for this call and
-    # nobody else holds them, so devices may alias them (on CPU: no second copy).
+    # One batched transfer. The buffers were read for this call and nobody else holds
+    # them, so devices may adopt them (on CPU, aligned ones are not copied again).
     values = [data for read, data in parts for _ in read.devices]
     devices = [d for read, _ in parts for d in read.devices]
     shards = jax.device_put(values, devices, may_alias=True)
     return jax.make_array_from_single_device_arrays(meta.shape, sharding, shards)
+
+
+def _adoptable(data: np.ndarray, devices) -> np.ndarray:
+    """``data`` in a buffer XLA's CPU client can adopt without a copy (64-byte aligned).
+
+    TensorStore's buffers are 16-byte aligned, so a CPU device_put would copy them;
+    one copy into an aligned buffer here replaces that copy, and the TensorStore buffer
+    is freed as soon as the caller drops it. Other platforms copy to the device anyway.
+    """
+    if not devices or devices[0].platform != "cpu" or data.ctypes.data % _CPU_ALIGN == 0:
+        return data
+    raw = np.empty(data.nbytes + _CPU_ALIGN, np.uint8)
+    offset = -raw.ctypes.data % _CPU_ALIGN
+    out = raw[offset:offset + data.nbytes].view(data.dtype).reshape(data.shape)
+    np.copyto(out, data)
+    return out
 
 
 def _result(future, path: str, directory: str):
