@@ -76,7 +76,7 @@ def save_arrays(
 
 
 def snapshot(plan: SavePlan) -> SavePlan:
-    """Copies this process's shards to host memory, so the caller may drop the arrays.
+    """Takes this process's shards into host memory, so the caller may drop the arrays.
 
     All device-to-host transfers are started before the first one is awaited.
     """
@@ -84,10 +84,24 @@ def snapshot(plan: SavePlan) -> SavePlan:
         if isinstance(item.data, jax.Array):
             item.data.copy_to_host_async()
     writes = tuple(
-        type(item)(item.path, item.index, item.chunk, np.array(item.data, copy=True))
+        type(item)(item.path, item.index, item.chunk, _host_snapshot(item.data))
         for item in plan.writes
     )
     return SavePlan(arrays=plan.arrays, writes=writes)
+
+
+def _host_snapshot(data) -> np.ndarray:
+    """A host value of ``data`` that nothing the caller does later can change.
+
+    For a jax.Array, ``np.asarray`` is a device-to-host copy on accelerators. On CPU it
+    is a zero-copy view holding an external reference to the buffer, and that reference
+    is enough: XLA keeps the buffer alive through ``delete()`` and declines to donate
+    it to a jitted step until the view is dropped (tests/test_async.py checks both).
+    A numpy value can be changed in place by its owner, so it is copied.
+    """
+    if isinstance(data, jax.Array):
+        return np.asarray(data)
+    return np.array(data, copy=True)
 
 
 def write_and_commit(

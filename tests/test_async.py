@@ -110,3 +110,25 @@ def test_async_saves_under_mpiexec(tmp_path):
                              devices_per_process=4))
     assert [r["restored"] for r in out] == [[1.0, 2.0, 3.0]] * 2
     assert [r["paths"][-1] for r in out] == [str(tmp_path / "ckpt-3")] * 2
+
+
+def test_donating_arrays_after_save_returns_does_not_change_the_save(tmp_path):
+    original = np.arange(64, dtype=np.float32).reshape(8, 8)
+    variable = dcheckpoint.Variable(_sharded(original))
+    ckpt = dcheckpoint.Checkpoint(v=variable)
+    step = jax.jit(lambda x: x * 0 - 5.0, donate_argnums=0)
+    path = ckpt.save(str(tmp_path / "ckpt"), options=ASYNC)
+    variable.assign(step(variable.value))  # a training step that donates its input
+    ckpt.sync()
+    assert np.all(np.asarray(variable.value) == -5.0)
+    np.testing.assert_array_equal(_restored(path, original), original)
+
+
+def test_numpy_values_mutated_in_place_after_save_returns_do_not_change_the_save(tmp_path):
+    values = np.arange(16, dtype=np.int32)
+    ckpt = dcheckpoint.Checkpoint(table=values)
+    path = ckpt.save(str(tmp_path / "ckpt"), options=ASYNC)
+    values[:] = -1
+    ckpt.sync()
+    restored = dcheckpoint.restore_pytree(path, {"table": None})["table"]
+    np.testing.assert_array_equal(restored, np.arange(16, dtype=np.int32))
