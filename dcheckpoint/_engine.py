@@ -20,6 +20,7 @@ its own devices need, straight into arrays for those devices.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
 import math
 import os
@@ -330,24 +331,57 @@ def _read_windowed(jobs, metadata, directory) -> dict[str, list]:
     The window keeps the disk and TensorStore's threads busy while bounding the memory
     beyond the restored arrays themselves: a read in flight holds TensorStore's buffer
     and its output at once, so issuing all reads together would double the peak.
+    A read that spans several saved chunks (a resharded or replicated target) is split
+    at chunk boundaries into pieces that stream into one destination buffer, so a
+    64 MiB replicated read is eight 8 MiB reads in flight, not one.
     """
     parts: dict[str, list] = {}
+    tasks: collections.deque = collections.deque()
+    remaining: dict[int, int] = {}  # id(read) -> pieces not yet copied into its buffer
+    for path, array, read in jobs:
+        meta = metadata.arrays[path]
+        pieces = _chunk_pieces(read.index, meta.chunk_shape)
+        if len(pieces) == 1:
+            tasks.append((path, array, read, None, read.index, None))
+            continue
+        dest = _aligned_empty(tuple(s.stop - s.start for s in read.index), meta.dtype)
+        if not pieces:  # zero-size
+            parts.setdefault(path, []).append((read, dest))
+        remaining[id(read)] = len(pieces)
+        tasks.extend((path, array, read, dest, piece, local) for piece, local in pieces)
     in_flight: collections.deque = collections.deque()
     in_flight_bytes = 0
-    jobs = collections.deque(jobs)
-    while jobs or in_flight:
-        while jobs and (not in_flight or in_flight_bytes < _READ_WINDOW_BYTES):
-            path, array, read = jobs.popleft()
+    while tasks or in_flight:
+        while tasks and (not in_flight or in_flight_bytes < _READ_WINDOW_BYTES):
+            path, array, read, dest, index, local = tasks.popleft()
             nbytes = metadata.arrays[path].dtype.itemsize * math.prod(
-                s.stop - s.start for s in read.index)
-            in_flight.append((path, read, nbytes, array[read.index].read()))
+                s.stop - s.start for s in index)
+            in_flight.append((path, read, dest, local, nbytes, array[index].read()))
             in_flight_bytes += nbytes
-        path, read, nbytes, future = in_flight.popleft()
+        path, read, dest, local, nbytes, future = in_flight.popleft()
         in_flight_bytes -= nbytes
         data = _result(future, path, directory)
         del future  # drop TensorStore's buffer as soon as it is copied out
-        parts.setdefault(path, []).append((read, _adoptable(data, read.devices)))
+        if dest is None:
+            parts.setdefault(path, []).append((read, _adoptable(data, read.devices)))
+            continue
+        dest[local] = data
+        remaining[id(read)] -= 1
+        if remaining[id(read)] == 0:
+            parts.setdefault(path, []).append((read, dest))
     return parts
+
+
+def _chunk_pieces(index, chunk_shape) -> list[tuple[tuple, tuple]]:
+    """Splits a global slice at chunk boundaries: [(global piece, slice within it)]."""
+    per_dim = []
+    for s, c in zip(index, chunk_shape, strict=True):
+        cuts = [(lo, min(s.stop, (lo // c + 1) * c))
+                for lo in [s.start, *range((s.start // c + 1) * c, s.stop, c)]
+                if lo < s.stop]
+        per_dim.append([(slice(lo, hi), slice(lo - s.start, hi - s.start)) for lo, hi in cuts])
+    return [tuple(zip(*combo, strict=True)) if combo else ((), ())
+            for combo in itertools.product(*per_dim)]
 
 
 def storage_rel(storage, storage_path: str) -> str:
@@ -382,11 +416,17 @@ def _adoptable(data: np.ndarray, devices) -> np.ndarray:
     """
     if not devices or devices[0].platform != "cpu" or data.ctypes.data % _CPU_ALIGN == 0:
         return data
-    raw = np.empty(data.nbytes + _CPU_ALIGN, np.uint8)
-    offset = -raw.ctypes.data % _CPU_ALIGN
-    out = raw[offset:offset + data.nbytes].view(data.dtype).reshape(data.shape)
+    out = _aligned_empty(data.shape, data.dtype)
     np.copyto(out, data)
     return out
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised array whose buffer starts on a ``_CPU_ALIGN`` boundary."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + _CPU_ALIGN, np.uint8)
+    offset = -raw.ctypes.data % _CPU_ALIGN
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def _result(future, path: str, directory: str):

@@ -234,3 +234,22 @@ def test_failed_save_leaves_previous_checkpoint_and_no_staging(tmp_path):
         dcheckpoint.save_pytree(path, {"w": np.full(3, 2), "bad": np.array(["text"])})
     np.testing.assert_array_equal(dcheckpoint.restore_pytree(path, {"w": None})["w"], [1, 1, 1])
     assert sorted(os.listdir(tmp_path)) == ["c"]
+
+
+def test_reads_spanning_chunks_split_at_chunk_boundaries():
+    from dcheckpoint._engine import _chunk_pieces
+
+    # rows [3, 7) over chunks of 2 rows: [3,4) [4,6) [6,7), at offsets 0, 1 and 3.
+    assert _chunk_pieces((slice(3, 7),), (2,)) == [
+        ((slice(3, 4),), (slice(0, 1),)),
+        ((slice(4, 6),), (slice(1, 3),)),
+        ((slice(6, 7),), (slice(3, 4),)),
+    ]
+    # a (4, 8) read over (2, 4) chunks: four pieces, row-major.
+    pieces = _chunk_pieces((slice(0, 4), slice(0, 8)), (2, 4))
+    assert [p for p, _ in pieces] == [
+        (slice(0, 2), slice(0, 4)), (slice(0, 2), slice(4, 8)),
+        (slice(2, 4), slice(0, 4)), (slice(2, 4), slice(4, 8)),
+    ]
+    assert _chunk_pieces((), ()) == [((), ())]  # a scalar is one piece
+    assert _chunk_pieces((slice(0, 0), slice(0, 4)), (1, 4)) == []  # zero-size: none
