@@ -20,6 +20,7 @@ its own devices need, straight into arrays for those devices.
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import json
 import math
@@ -143,7 +144,7 @@ def write_and_commit(
     if comm.is_coordinator:
         try:
             reports = [json.loads(m) for m in manifests]
-            _check_manifests(directory, plan, reports)
+            _check_manifests(plan, reports)
             _commit(target, staged, plan, object_graph, options.compression, comm)
             outcome = {"path": directory}
         except Exception as e:
@@ -196,7 +197,7 @@ def _write_chunks(staged, plan: SavePlan, compression) -> dict[str, list[list[in
     return {path: [list(i.chunk) for i in items] for path, items in by_path.items()}
 
 
-def _check_manifests(directory: str, plan: SavePlan, reports: list[dict]) -> None:
+def _check_manifests(plan: SavePlan, reports: list[dict]) -> None:
     """(coordinator) Every chunk of every array written exactly once, by someone."""
     failures = [r["error"] for r in reports if "error" in r]
     if failures:
@@ -210,9 +211,7 @@ def _check_manifests(directory: str, plan: SavePlan, reports: list[dict]) -> Non
             )
     for path, meta in plan.arrays.items():
         grid = [-(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True)]
-        expected = int(np.prod(grid)) if grid else 1
-        if 0 in meta.shape:
-            expected = 0
+        expected = math.prod(grid)  # 1 for a scalar, 0 for a zero-size array
         seen: dict[tuple, int] = {}
         for r in reports:
             for chunk in r["chunks"].get(path, []):
@@ -436,8 +435,10 @@ def _result(future, path: str, directory: str):
         raise tsio.translate_error(e, array=path, where=directory) from e
 
 
-def _table_digest(plan: SavePlan) -> list:
-    return sorted([p, list(m.shape), m.dtype.name] for p, m in plan.arrays.items())
+def _table_digest(plan: SavePlan) -> str:
+    """A short digest of every array's path, shape and dtype, compared across processes."""
+    table = sorted([p, list(m.shape), m.dtype.name] for p, m in plan.arrays.items())
+    return hashlib.sha256(json.dumps(table).encode()).hexdigest()
 
 
 def _describe(e: Exception) -> str:

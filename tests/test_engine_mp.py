@@ -46,3 +46,13 @@ def test_restore_into_host_numpy(saved):
     out = results(run_launch(WORKER, "restore", saved, "host", processes=2,
                              devices_per_process=1))
     assert [(r["bad"], r["checked"]) for r in out] == [([], 4), ([], 4)]
+
+
+def test_processes_saving_different_trees_all_raise_the_same_error(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    out = results(run_launch(WORKER, "mismatch", directory, "none", processes=2,
+                             devices_per_process=1))
+    assert out[0]["error"] == out[1]["error"]
+    assert out[0]["type"] == out[1]["type"] == "CoordinationError"
+    assert "process 1 saved a different set of arrays" in out[0]["error"]
+    assert os.listdir(tmp_path) == []  # nothing committed, no staging left

@@ -33,7 +33,19 @@ def make_mesh(text):
 
 
 mode, directory, mesh_text = sys.argv[1:4]
-if mode == "save":
+if mode == "mismatch":
+    # Process 1 saves one array more than process 0: every process must raise the same
+    # error and nothing may be committed.
+    tree = {"w": np.ones(4, np.float32)}
+    if info.process_index == 1:
+        tree["extra"] = np.zeros(2, np.float32)
+    try:
+        dcheckpoint.save_pytree(directory, tree)
+        outcome = {"error": None}
+    except dcheckpoint.CheckpointError as e:
+        outcome = {"error": str(e), "type": type(e).__name__}
+    print("RESULT " + json.dumps({"rank": info.process_index, **outcome}), flush=True)
+elif mode == "save":
     mesh = make_mesh(mesh_text)
     tree = {}
     for name, spec in SPECS.items():
