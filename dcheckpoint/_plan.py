@@ -115,7 +115,10 @@ def _plan_jax_array(path: str, value: jax.Array) -> tuple[ArrayMetadata, list[Wr
     sharding = value.sharding
     layout = None
     if isinstance(sharding, jax.sharding.NamedSharding):
-        layout = Layout.from_sharding(sharding, value.ndim).to_json()
+        try:
+            layout = Layout.from_sharding(sharding, value.ndim).to_json()
+        except (TypeError, ValueError):
+            pass  # the saved layout is informational (restore uses the target's own)
     meta = _array_metadata(
         path, value.shape, value.dtype, sharding.shard_shape(value.shape), layout
     )
