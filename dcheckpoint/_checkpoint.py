@@ -45,13 +45,17 @@ class _Restorer:
       directory: the checkpoint directory (values are read lazily from it).
       metadata: its ``CheckpointMetadata``.
       state: the ``MatchState`` the load status reports from.
-      host_target: ``shape -> engine target`` for values with no sharding of their own
-        (numpy leaves); ``None`` means "host numpy".
+      host_target: the engine target of values with no sharding of their own (numpy
+        leaves); ``None`` means "host numpy".
       collect: if a dict, a dry run: leaves are not assigned, only their engine targets
         recorded here ``{ckpt path: target}``, so that one ``restore_arrays`` call can
-        read them all concurrently instead of one leaf at a time.
-      prefetched: ``{ckpt path: array}`` read by that one call; leaves missing from it
-        (deferred restores) are read on their own.
+        read them all concurrently instead of one leaf at a time (see ``batched``).
+      prefetched: ``{ckpt path: array}`` read by that one call; a leaf missing from it
+        (a second object restored from the same path) is read on its own.
+
+    A restorer with neither is a *source*: it only forks walkers (``batched``). Deferred
+    restores hold a source, never a walker, so that a walker's memo (which pins the
+    values it replaced, device arrays included) dies with its walk.
     """
 
     def __init__(
@@ -77,9 +81,20 @@ class _Restorer:
         self._memo: dict[int, object] = {}
         self._keep: list[object] = []  # keeps memo ids from being reused mid-walk
 
-    def fork(self) -> _Restorer:
-        """A restorer on the same checkpoint with a fresh memo, for deferred restores."""
-        return _Restorer(self._directory, self._metadata, self._state, self._host_target)
+    def fork(self, **mode) -> _Restorer:
+        """A restorer on the same checkpoint with a fresh memo; ``mode``: as for __init__."""
+        return _Restorer(self._directory, self._metadata, self._state, self._host_target, **mode)
+
+    def batched(self, walk):
+        """Runs ``walk(walker)`` as a dry run, reads every leaf it wants in one engine
+        call, then runs it for real with those arrays; returns the real run's result.
+
+        The dry run also raises any mismatch before anything is assigned.
+        """
+        wanted: dict = {}
+        walk(self.fork(collect=wanted))
+        prefetched = _engine.restore_arrays(self._directory, wanted, metadata=self._metadata)
+        return walk(self.fork(prefetched=prefetched))
 
     def node(self, ckpt_path: str) -> dict | None:
         """The checkpoint's node at ``ckpt_path``, following aliases; ``None`` if absent."""
@@ -100,6 +115,9 @@ class _Restorer:
         if kind in LEAF_KINDS:
             new = self._restore_leaf(value, kind, node, ckpt_path, cur_path)
         else:
+            if kind != "pytree":
+                # Updated in place, so it is its own result: a cycle back to it stops here.
+                self._memo[id(value)] = value
             new = self._restore_container(value, kind, node, ckpt_path, cur_path)
         self._memo[id(value)] = new
         self._keep.append(value)
@@ -113,7 +131,10 @@ class _Restorer:
             )
         meta = self._metadata.arrays.get(ckpt_path)
         if meta is None:
-            raise CorruptCheckpointError(f"{ckpt_path!r} is in the object graph but not stored")
+            raise CorruptCheckpointError(
+                f"{self._directory}: {ckpt_path!r} is in the object graph but no array "
+                f"is stored for it"
+            )
         shape, dtype = tuple(value.shape), np.dtype(value.dtype)
         if tuple(meta.shape) != shape or np.dtype(meta.dtype) != dtype:
             raise CheckpointMismatchError(
@@ -123,9 +144,11 @@ class _Restorer:
         if isinstance(value, Variable | jax.Array):
             target = value.sharding
         else:
-            target = self._host_target(shape)
+            target = self._host_target
         if self._collect is not None:
-            self._collect[ckpt_path] = target
+            # setdefault: a second object restored from the same path (a shared object
+            # that is no longer shared) must not take the first one's target.
+            self._collect.setdefault(ckpt_path, target)
             return value
         array = self._prefetched.pop(ckpt_path, None)  # pop: no reference kept alive
         if array is None:
@@ -190,13 +213,36 @@ class _Restorer:
             if name in present or name == _SAVE_COUNTER and not ckpt_path:
                 continue
             attach = functools.partial(
-                self.attach, ckpt_path=join(ckpt_path, name), cur_path=join(cur_path, name)
+                self.fork().attach,
+                ckpt_path=join(ckpt_path, name),
+                cur_path=join(cur_path, name),
             )
             owner._dc_defer(urllib.parse.unquote(name), attach)
 
     def attach(self, value, *, ckpt_path: str, cur_path: str):
-        """Restores a value attached after the restore (deferred), with a fresh memo."""
-        return self.fork().restore(value, ckpt_path, cur_path)
+        """Restores a value attached after the restore (deferred), its leaves batched."""
+        return self.batched(lambda walker: walker.restore(value, ckpt_path, cur_path))
+
+
+def _root_children(root) -> dict[str, object]:
+    """The top-level children ``root`` gives a Checkpoint, checked; ``{}`` for no root."""
+    if root is None:
+        return {}
+    kind = classify(root)
+    if kind not in ("trackable", "dict", "list"):
+        # A leaf root has no children to save, and an immutable pytree root cannot have
+        # its rebuilt children assigned back on restore.
+        raise ValueError(
+            "Checkpoint root must be an AutoTrackable, dict or list (restore assigns "
+            f"into it), got {type(root).__name__}"
+        )
+    found = dict(children(root, kind))
+    if _SAVE_COUNTER in found:
+        raise ValueError(
+            f"Checkpoint root has a child named {_SAVE_COUNTER!r}, which is reserved for "
+            "Checkpoint's own counter"
+        )
+    return found
 
 
 class Checkpoint(AutoTrackable):
@@ -213,8 +259,9 @@ class Checkpoint(AutoTrackable):
         arrays, pytrees).
 
     Raises:
-      ValueError: a keyword argument is not trackable, is named ``save_counter``, or
-        conflicts with an attribute ``root`` already has.
+      ValueError: ``root`` is not an ``AutoTrackable``, dict or list (restore assigns
+        into it), or has a ``save_counter``; a keyword argument is not trackable, is
+        named ``save_counter``, or conflicts with an attribute ``root`` already has.
 
     Example:
       >>> model = AutoTrackable()
@@ -230,9 +277,7 @@ class Checkpoint(AutoTrackable):
         object.__setattr__(self, "_dc_root", root)
         object.__setattr__(self, "_dc_counter", None)
         object.__setattr__(self, "_dc_saver", Saver())
-        if root is not None and classify(root) is None:
-            raise ValueError(f"Checkpoint root must be trackable, got {type(root).__name__}")
-        root_children = dict(children(root, classify(root))) if root is not None else {}
+        root_children = _root_children(root)
         for key, value in sorted(kwargs.items()):
             if key == _SAVE_COUNTER:
                 raise ValueError("'save_counter' is reserved for Checkpoint's own counter")
@@ -266,9 +311,8 @@ class Checkpoint(AutoTrackable):
             top.append((_SAVE_COUNTER, self._dc_counter))
         return top
 
-    def _dc_host_target(self, shape):
+    def _dc_host_target(self):
         """Where values with no sharding of their own are restored: host numpy."""
-        del shape
         return None
 
     def save(self, file_prefix: str, options=None) -> str:
@@ -326,22 +370,14 @@ class Checkpoint(AutoTrackable):
         del options
         metadata = _engine.read_metadata(save_path)
         state = MatchState(checkpoint_paths=frozenset(metadata.arrays), save_path=str(save_path))
-        top = self._dc_top()
-        wanted: dict = {}
-        dry_run = MatchState(checkpoint_paths=state.checkpoint_paths, save_path=str(save_path))
-        collector = _Restorer(save_path, metadata, dry_run, self._dc_host_target, collect=wanted)
-        collector.restore_children(top, collector.node(""), "", "")
-        prefetched = _engine.restore_arrays(save_path, wanted, metadata=metadata)
-        restorer = _Restorer(
-            save_path, metadata, state, self._dc_host_target, prefetched=prefetched
-        )
-        root = restorer.node("")
-        restored = restorer.restore_children(top, root, "", "")
+        source = _Restorer(save_path, metadata, state, self._dc_host_target())
+        top, root = self._dc_top(), source.node("")
+        restored = source.batched(lambda walker: walker.restore_children(top, root, "", ""))
         for (name, old), new in zip(top, restored, strict=True):
             if new is not old:
                 self._dc_set_top(name, new)
         owner = self._dc_root if isinstance(self._dc_root, AutoTrackable) else self
-        restorer.defer_missing(owner, top, root, "", "")
+        source.defer_missing(owner, top, root, "", "")
         return CheckpointLoadStatus(state)
 
     def _dc_set_top(self, name: str, value) -> None:

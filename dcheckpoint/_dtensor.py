@@ -47,7 +47,6 @@ class DTensorCheckpoint(Checkpoint):
         """The mesh this checkpoint lays values out on."""
         return self._dc_mesh
 
-    def _dc_host_target(self, shape):
+    def _dc_host_target(self):
         """Values with no sharding of their own go onto the mesh, replicated."""
-        del shape
         return NamedSharding(self._dc_jax_mesh, PartitionSpec())

@@ -27,12 +27,14 @@ from dcheckpoint._variable import Variable
 __all__ = [
     "AutoTrackable",
     "GRAPH_FORMAT",
+    "LEAF_KINDS",
     "classify",
     "children",
     "escape",
     "flatten",
     "join",
     "leaf_paths",
+    "pytree_children",
 ]
 
 GRAPH_FORMAT = "dcheckpoint.object_graph.v1"

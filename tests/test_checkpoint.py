@@ -2,6 +2,7 @@
 
 import gc
 import warnings
+import weakref
 from typing import NamedTuple
 
 import jax
@@ -207,3 +208,52 @@ def test_unused_values_warn_unless_expect_partial(tmp_path):
         warnings.simplefilter("error")
         Checkpoint(model=Model()).restore(path).expect_partial()
         gc.collect()
+
+
+def test_restore_of_cyclic_graph_terminates(tmp_path):
+    saved = AutoTrackable()
+    saved.w, saved.me = np.ones(2), saved
+    path = Checkpoint(a=saved).save(str(tmp_path / "c"))
+    target = AutoTrackable()
+    target.w, target.me = np.zeros(2), target
+    Checkpoint(a=target).restore(path).assert_consumed()  # no RecursionError
+    np.testing.assert_array_equal(target.w, np.ones(2))
+
+
+def test_pending_restore_does_not_pin_replaced_values(tmp_path):
+    # A value still pending (model.head) keeps the restore alive; it must not keep the
+    # values the restore replaced (on a device: a second copy of the model in memory).
+    saved = AutoTrackable()
+    saved.params, saved.head = {"w": np.ones(3)}, Variable(jnp.ones(2))
+    path = Checkpoint(m=saved).save(str(tmp_path / "c"))
+    model, old = AutoTrackable(), np.zeros(3)
+    model.params = {"w": old}
+    replaced = weakref.ref(old)
+    del old
+    Checkpoint(m=model).restore(path).expect_partial()
+    gc.collect()
+    assert replaced() is None
+    model.head = Variable(jnp.zeros(2))  # the pending restore still works
+    np.testing.assert_array_equal(model.head.numpy(), np.ones(2))
+
+
+def test_objects_no_longer_shared_keep_their_own_targets(tmp_path):
+    shared = Variable(jnp.arange(3.0))
+    a, b = AutoTrackable(), AutoTrackable()
+    a.v, b.v = shared, shared
+    path = Checkpoint(a=a, b=b).save(str(tmp_path / "c"))
+    a2, b2 = AutoTrackable(), AutoTrackable()
+    a2.v, b2.v = np.zeros(3, np.float32), Variable(jnp.zeros(3))
+    Checkpoint(a=a2, b=b2).restore(path).assert_consumed()
+    assert type(a2.v) is np.ndarray  # a host leaf, not b2.v's device target
+    np.testing.assert_array_equal(a2.v, np.arange(3.0))
+    np.testing.assert_array_equal(b2.v.numpy(), np.arange(3.0))
+
+
+def test_root_must_be_mutable_container_without_save_counter():
+    with pytest.raises(ValueError, match="root must be an AutoTrackable, dict or list.*got Var"):
+        Checkpoint(Variable(jnp.ones(2)))  # would save nothing of it
+    with pytest.raises(ValueError, match="got AdamState"):
+        Checkpoint(AdamState(jnp.zeros(()), {}, {}))  # cannot be assigned into
+    with pytest.raises(ValueError, match="root has a child named 'save_counter'"):
+        Checkpoint({"save_counter": np.zeros(())})  # would collide with the counter
