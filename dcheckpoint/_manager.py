@@ -18,6 +18,8 @@ Protocol of one save, with roles:
 from __future__ import annotations
 
 import collections
+import dataclasses
+import json
 import logging
 import os
 import threading
@@ -73,6 +75,30 @@ def _unlock_directory(directory: str) -> None:
 def _now() -> float:
     """The wall clock (seconds since the epoch); one place for tests to replace."""
     return time.time()
+
+
+def _encode_start(decided: CheckpointState | None, error: Exception | None) -> bytes:
+    """The coordinator's start outcome as JSON: the managed state, or its failure."""
+    if error is not None:
+        return json.dumps({"error": f"{type(error).__name__}: {error}"}).encode()
+    return json.dumps({"state": dataclasses.asdict(decided)}).encode()
+
+
+def _decode_start(directory: str, reply: bytes) -> CheckpointState:
+    """The state :func:`_encode_start` sent; raises the coordinator's failure."""
+    document = json.loads(reply)
+    if "error" in document:
+        raise CheckpointError(
+            f"The coordinator could not start a CheckpointManager in {directory!r}: "
+            f"{document['error']}"
+        )
+    state = document["state"]
+    return CheckpointState(
+        state["model_checkpoint_path"],
+        tuple(state["all_model_checkpoint_paths"]),
+        tuple(state["all_model_checkpoint_timestamps"]),
+        state["last_preserved_timestamp"],
+    )
 
 
 def _evaluate(counter) -> int:
@@ -140,64 +166,84 @@ class CheckpointManager:
         self._comm = default_communicator()
         # on_commit runs in the engine's background thread for async saves.
         self._lock = threading.Lock()
+        self._writer_lock = None
+        self._release_lock = lambda: None
         self._start()
 
     def _start(self) -> None:
-        """Locks the directory and cleans crashed saves (coordinator), then loads the
-        state file (all).
+        """Locks and cleans the directory and decides the managed list (coordinator),
+        then hands that list, or the coordinator's failure, to every process (all).
 
         The lock comes first: without it, cleaning would delete the staging directory
-        of another job that is saving into the same directory right now.
+        of another job that is saving into the same directory right now. One process
+        decides and the others take its answer, because each deciding for itself lets
+        clock skew or a stale network-filesystem view give processes different lists;
+        a failure is sent too, so the others raise at once instead of timing out.
         """
-        storage = open_storage(self._directory)
-        storage.make_dirs()
-        self._writer_lock = None
+        decided = error = None
         if self._comm.is_coordinator:
-            if storage.renames_atomically:  # a local filesystem: O_EXCL files work
-                key = os.path.realpath(self._directory)
-                self._writer_lock = _lock_directory(key)
-                weakref.finalize(self, _unlock_directory, key)
-            self._remove_leftovers()
-        # Nobody reads the directory before the coordinator has cleaned it.
-        self._comm.barrier(
+            try:
+                self._open_directory()
+                decided = self._recover(get_checkpoint_state(self._directory))
+            except Exception as e:
+                error = e
+                self._release_lock()
+        reply = self._comm.broadcast(
+            _encode_start(decided, error) if self._comm.is_coordinator else None,
             tag=f"CheckpointManager({self._directory!r}) start",
             timeout_secs=CheckpointOptions().timeout_secs,
         )
-        self._recover(get_checkpoint_state(self._directory))
+        if error is not None:
+            raise error
+        decided = _decode_start(self._directory, reply)
+        self._latest_checkpoint = decided.model_checkpoint_path
+        self._last_preserved_timestamp = decided.last_preserved_timestamp
+        self._maybe_delete = collections.OrderedDict(
+            zip(decided.all_model_checkpoint_paths, decided.all_model_checkpoint_timestamps,
+                strict=True)
+        )
+
+    def _open_directory(self) -> None:
+        """Creates and locks the directory, then removes crashed saves (coordinator)."""
+        storage = open_storage(self._directory)
+        storage.make_dirs()
+        if storage.renames_atomically:  # a local filesystem: O_EXCL files work
+            key = os.path.realpath(self._directory)
+            self._writer_lock = _lock_directory(key)
+            self._release_lock = weakref.finalize(self, _unlock_directory, key)
+        self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
         """Removes what crashed saves left (coordinator); subclasses remove more."""
         for path in remove_leftover_temporaries(self._directory, self._checkpoint_name):
             logger.info("removed leftover temporary %s", path)
 
-    def _recover(self, state: CheckpointState | None) -> None:
-        """Takes over the managed list and clocks of the last manager (TF's rules)."""
+    def _recover(self, state: CheckpointState | None) -> CheckpointState:
+        """The managed list and clocks taken over from the last manager (TF's rules)."""
         current_clock = _now()
-        self._maybe_delete = collections.OrderedDict()
         if state is None:
-            self._latest_checkpoint = None
             # Slightly in the past, so a manager re-created at once still preserves.
-            self._last_preserved_timestamp = current_clock - 1.0
-            return
-        self._last_preserved_timestamp = state.last_preserved_timestamp
-        if current_clock < self._last_preserved_timestamp:
+            return CheckpointState(None, last_preserved_timestamp=current_clock - 1.0)
+        last_preserved = state.last_preserved_timestamp
+        if current_clock < last_preserved:
             # The clock went backwards: never let that delete old checkpoints early.
             logger.warning("time went backwards since the last manager of %s", self._directory)
-            self._last_preserved_timestamp = current_clock
+            last_preserved = current_clock
         timestamps = state.all_model_checkpoint_timestamps or (
-            [self._last_preserved_timestamp] * len(state.all_model_checkpoint_paths)
+            [last_preserved] * len(state.all_model_checkpoint_paths)
         )
+        managed = {}
         for path, timestamp in zip(state.all_model_checkpoint_paths, timestamps, strict=True):
             if not is_committed(path):
                 logger.info("dropping %s from the managed list: not on disk", path)
                 continue
             timestamp = min(timestamp, current_clock)
-            if timestamp > self._last_preserved_timestamp:
-                self._maybe_delete[path] = timestamp
+            if timestamp > last_preserved:
+                managed[path] = timestamp
         latest = state.model_checkpoint_path
         if not is_committed(latest):
-            latest = next(reversed(self._maybe_delete), None)
-        self._latest_checkpoint = latest
+            latest = next(reversed(managed), None)
+        return CheckpointState(latest, tuple(managed), tuple(managed.values()), last_preserved)
 
     @property
     def directory(self) -> str:
@@ -313,10 +359,10 @@ class CheckpointManager:
         write_checkpoint_state(
             self._directory,
             CheckpointState(
-                model_checkpoint_path=self._latest_checkpoint,
-                all_model_checkpoint_paths=tuple(self._maybe_delete),
-                all_model_checkpoint_timestamps=tuple(self._maybe_delete.values()),
-                last_preserved_timestamp=self._last_preserved_timestamp,
+                self._latest_checkpoint,
+                tuple(self._maybe_delete),
+                tuple(self._maybe_delete.values()),
+                self._last_preserved_timestamp,
             ),
         )
         logger.debug("wrote the state file of %s", self._directory)

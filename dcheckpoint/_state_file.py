@@ -199,7 +199,9 @@ def get_checkpoint_state(directory: str | os.PathLike) -> CheckpointState | None
         ) from error
 
 
-def _parse(directory: str, document: dict) -> CheckpointState:
+def _parse(directory: str, document: object) -> CheckpointState:
+    if not isinstance(document, dict):
+        raise ValueError(f"expected a JSON object, found {type(document).__name__}")
     if document.get("format") != _FORMAT or document.get("version") != _VERSION:
         raise ValueError(
             f"expected format {_FORMAT!r} version {_VERSION}, found "

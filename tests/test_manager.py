@@ -18,6 +18,7 @@ from dcheckpoint._manager import CheckpointManager, checkpoints_iterator
 from dcheckpoint._options import CheckpointOptions
 from dcheckpoint._state_file import STATE_FILENAME, get_checkpoint_state, latest_checkpoint
 from dcheckpoint._variable import Variable
+from dcheckpoint.errors import CorruptCheckpointError
 from tests.mp_util import REPO_ROOT, results, run_launch
 
 WORKER = REPO_ROOT / "tests" / "workers" / "manager_worker.py"
@@ -229,6 +230,37 @@ def test_two_processes_write_the_state_and_delete_once(tmp_path):
     assert on_disk(tmp_path) == ["ckpt-4", "ckpt-5"]
     assert json.loads((tmp_path / STATE_FILENAME).read_text())["all_model_checkpoint_paths"] == [
         "ckpt-4", "ckpt-5"]
+
+
+def test_processes_agree_on_the_managed_list_despite_clock_skew(tmp_path):
+    # Rank 1's clock is behind the state file's times: deciding alone, it would drop
+    # every checkpoint from its list (TF's rule for a clock that went backwards).
+    by_rank = results(run_launch(WORKER, "skew", tmp_path, processes=2, devices_per_process=2))
+    assert [r["checkpoints"] for r in by_rank] == [["ckpt-1", "ckpt-2", "ckpt-3"]] * 2
+    assert [r["latest"] for r in by_rank] == ["ckpt-3"] * 2
+
+
+def test_every_process_raises_when_the_coordinator_cannot_lock(tmp_path):
+    manager = CheckpointManager(make_checkpoint(), tmp_path, max_to_keep=2)
+    by_rank = results(run_launch(WORKER, "refused", tmp_path, processes=2,
+                                 devices_per_process=2, timeout=90))
+    assert [r["rank"] for r in by_rank] == [0, 1]
+    assert by_rank[0]["error"].startswith("CheckpointLockedError: ")
+    assert by_rank[1]["error"].startswith(
+        f"CheckpointError: The coordinator could not start a CheckpointManager in "
+        f"{str(tmp_path)!r}: CheckpointLockedError: "
+    )
+    assert f"pid {os.getpid()}" in by_rank[1]["error"]
+    del manager
+
+
+def test_a_manager_that_fails_to_start_releases_the_lock(tmp_path):
+    (tmp_path / STATE_FILENAME).write_text("not json")
+    with pytest.raises(CorruptCheckpointError) as failure:
+        CheckpointManager(make_checkpoint(), tmp_path, max_to_keep=2)
+    # The traceback keeps the half-built manager alive; its lock must not outlive it.
+    assert failure.value is not None
+    assert not (tmp_path / LOCK_FILENAME).exists()
 
 
 def test_evaluator_thread_follows_a_writer(tmp_path):

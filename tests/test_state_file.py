@@ -102,6 +102,13 @@ def test_malformed_state_files_are_corrupt(tmp_path):
         get_checkpoint_state(tmp_path)
 
 
+@pytest.mark.parametrize("document", ["[]", '"ckpt-1"', "null", "7"])
+def test_a_state_file_that_is_not_an_object_is_corrupt(tmp_path, document):
+    (tmp_path / STATE_FILENAME).write_text(document)
+    with pytest.raises(CorruptCheckpointError, match="expected a JSON object, found"):
+        get_checkpoint_state(tmp_path)
+
+
 def test_latest_checkpoint_only_when_committed(tmp_path):
     _write_document(tmp_path, model_checkpoint_path="ckpt-1")
     assert latest_checkpoint(tmp_path) is None  # named but not on disk

@@ -3,6 +3,9 @@
 Modes:
   continue DIR            a new manager (new process) picks up DIR, restores, saves once.
   mpi DIR                 under ``python -m launch -n 2``: five saves, max_to_keep=2.
+  skew DIR                under ``-n 2``: three saves, then a new manager with rank 1's
+                          clock two hours behind rank 0's.
+  refused DIR             under ``-n 2``, while the test process holds DIR's writer lock.
   load ARTIFACT INPUTS    loads an exported artifact and calls it on INPUTS (.npy).
 
 Prints ``RESULT {json}`` lines; the manager's log lines go to stdout prefixed "[rank]".
@@ -12,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import launch
 
@@ -71,6 +75,29 @@ def save_under_mpi(directory):
         manager.latest_checkpoint))
 
 
+def new_manager_with_a_skewed_clock(directory):
+    from dcheckpoint import _manager
+
+    manager = CheckpointManager(Checkpoint(weights=Variable(np.zeros((4,), np.float32))),
+                                directory, max_to_keep=3)
+    for _ in range(3):
+        manager.save()
+    if RANK == 1:
+        _manager._now = lambda: time.time() - 7200.0
+    successor = CheckpointManager(Checkpoint(weights=Variable(np.zeros((4,), np.float32))),
+                                  directory, max_to_keep=3)
+    report(checkpoints=names(successor.checkpoints),
+           latest=os.path.basename(successor.latest_checkpoint))
+
+
+def start_while_locked(directory):
+    try:
+        CheckpointManager(Checkpoint(weights=Variable(np.zeros((4,), np.float32))),
+                          directory, max_to_keep=2)
+    except Exception as error:  # noqa: BLE001 - the test checks what each rank raised
+        report(error=f"{type(error).__name__}: {error}")
+
+
 def load_and_call(artifact, inputs_path):
     inputs = np.load(inputs_path, allow_pickle=False)
     outputs = load_savedmodel(artifact)(inputs)
@@ -79,4 +106,10 @@ def load_and_call(artifact, inputs_path):
 
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    {"continue": continue_directory, "mpi": save_under_mpi, "load": load_and_call}[mode](*args)
+    {
+        "continue": continue_directory,
+        "mpi": save_under_mpi,
+        "skew": new_manager_with_a_skewed_clock,
+        "refused": start_while_locked,
+        "load": load_and_call,
+    }[mode](*args)
