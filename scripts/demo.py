@@ -120,8 +120,9 @@ def run_preempted(directory: Path, args) -> dict:
                          "raise --step-sleep or lower --preempt-after")  # fmt: skip
     print(f"  SIGKILLed ranks (pids {victims}) at step {job.last_step}; mpiexec exited "
           f"{code}; {job.other_lines} lines of MPI/JAX teardown output hidden")  # fmt: skip
+    on_disk = sorted(n for n in os.listdir(directory) if not n.startswith("."))  # no lock
     return {"killed_pids": victims, "exit_code": code, "last_step": job.last_step,
-            "committed": job.committed, "on_disk": sorted(os.listdir(directory))}  # fmt: skip
+            "committed": job.committed, "on_disk": on_disk}  # fmt: skip
 
 
 def _sigkill(pid: int) -> int:
