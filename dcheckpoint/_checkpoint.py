@@ -19,9 +19,9 @@ from dcheckpoint import _engine
 from dcheckpoint._async import Saver
 from dcheckpoint._status import CheckpointLoadStatus, InitializationOnlyStatus, MatchState
 from dcheckpoint._tracking import (
-    GRAPH_FORMAT,
     LEAF_KINDS,
     AutoTrackable,
+    check_graph,
     children,
     classify,
     escape,
@@ -68,14 +68,8 @@ class _Restorer:
         collect: dict | None = None,
         prefetched: dict | None = None,
     ):
-        graph = metadata.object_graph
-        if not isinstance(graph, dict) or graph.get("format") != GRAPH_FORMAT:
-            raise CorruptCheckpointError(
-                f"{directory}: object graph format is not {GRAPH_FORMAT!r} "
-                "(not written by Checkpoint, or corrupt)"
-            )
         self._directory, self._metadata, self._state = directory, metadata, state
-        self._nodes, self._aliases = graph["nodes"], graph["aliases"]
+        self._nodes, self._aliases = check_graph(metadata.object_graph, source=str(directory))
         self._host_target = host_target
         self._collect, self._prefetched = collect, prefetched or {}
         self._memo: dict[int, object] = {}

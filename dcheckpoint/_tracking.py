@@ -23,10 +23,12 @@ import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from dcheckpoint._variable import Variable
+from dcheckpoint.errors import CorruptCheckpointError
 
 __all__ = [
     "AutoTrackable",
     "GRAPH_FORMAT",
+    "check_graph",
     "LEAF_KINDS",
     "classify",
     "children",
@@ -39,6 +41,7 @@ __all__ = [
 
 GRAPH_FORMAT = "dcheckpoint.object_graph.v1"
 LEAF_KINDS = ("variable", "array")
+CONTAINER_KINDS = ("trackable", "dict", "list", "pytree")
 _INTERNAL_PREFIX = "_dc_"
 
 
@@ -185,3 +188,36 @@ def leaf_paths(value, path: str) -> list[str]:
     top = [(urllib.parse.unquote(name), value)]
     prefix = f"{parent}/" if parent else ""
     return [prefix + p for p, kind, _, alias in _walk(top) if kind in LEAF_KINDS and alias is None]
+
+
+def check_graph(graph: object, *, source: str) -> tuple[dict, dict]:
+    """Validates an object graph read from a checkpoint; returns (nodes, aliases).
+
+    The metadata's checksum catches damage, not a crafted file: every field the restore
+    walk indexes is checked here, so a bad graph is a ``CorruptCheckpointError`` naming
+    the node, never a ``KeyError`` half-way through assigning values.
+    """
+    def bad(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{source}: object graph {what}")
+
+    if not isinstance(graph, dict) or graph.get("format") != GRAPH_FORMAT:
+        raise bad(f"format is not {GRAPH_FORMAT!r} (not written by Checkpoint, or corrupt)")
+    nodes, aliases = graph.get("nodes"), graph.get("aliases")
+    if not isinstance(nodes, dict) or not isinstance(aliases, dict):
+        raise bad("must hold 'nodes' and 'aliases' objects")
+    for path, node in nodes.items():
+        kind = node.get("kind") if isinstance(node, dict) else None
+        if kind not in LEAF_KINDS + CONTAINER_KINDS:
+            raise bad(f"node {path!r}: expected a kind in {LEAF_KINDS + CONTAINER_KINDS}, "
+                      f"found {kind!r}")
+        kids = node.get("children")
+        if kind in CONTAINER_KINDS and not (
+            isinstance(kids, list) and all(isinstance(k, str) for k in kids)
+        ):
+            raise bad(f"node {path!r}: 'children' must be a list of names, found {kids!r}")
+    if nodes.get("", {}).get("kind") not in CONTAINER_KINDS:
+        raise bad("has no root node")
+    for path, target in aliases.items():
+        if not isinstance(target, str) or target not in nodes:
+            raise bad(f"alias {path!r} points to {target!r}, which is not a node")
+    return nodes, aliases

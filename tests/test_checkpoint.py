@@ -1,6 +1,7 @@
 """Checkpoint and its load status, one TensorFlow rule per test, on real files."""
 
 import gc
+import os
 import warnings
 import weakref
 from typing import NamedTuple
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dcheckpoint
 from dcheckpoint._checkpoint import Checkpoint
 from dcheckpoint._status import CheckpointAssertionError
 from dcheckpoint._tracking import AutoTrackable
@@ -257,3 +259,44 @@ def test_root_must_be_mutable_container_without_save_counter():
         Checkpoint(AdamState(jnp.zeros(()), {}, {}))  # cannot be assigned into
     with pytest.raises(ValueError, match="root has a child named 'save_counter'"):
         Checkpoint({"save_counter": np.zeros(())})  # would collide with the counter
+
+
+def _resign_graph(path, graph):
+    """Rewrites the checkpoint's object graph with a valid checksum (a crafted file)."""
+    import dataclasses
+
+    from dcheckpoint._metadata import METADATA_FILE, encode_metadata
+
+    meta = dcheckpoint.read_metadata(path)
+    data = encode_metadata(dataclasses.replace(meta, object_graph=graph))
+    with open(os.path.join(path, METADATA_FILE), "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize(
+    ("graph", "message"),
+    [
+        ({"format": "other"}, "format is not"),
+        ({"format": "dcheckpoint.object_graph.v1", "nodes": [], "aliases": {}},
+         "'nodes' and 'aliases'"),
+        ({"format": "dcheckpoint.object_graph.v1", "nodes": {"v": {"kind": "array"}},
+          "aliases": {}}, "no root node"),
+        ({"format": "dcheckpoint.object_graph.v1",
+          "nodes": {"": {"kind": "trackable", "children": ["v"]}, "v": {"kind": "code"}},
+          "aliases": {}}, "node 'v': expected a kind"),
+        ({"format": "dcheckpoint.object_graph.v1",
+          "nodes": {"": {"kind": "trackable", "children": "v"}}, "aliases": {}},
+         "node '': 'children' must be a list"),
+        ({"format": "dcheckpoint.object_graph.v1",
+          "nodes": {"": {"kind": "trackable", "children": ["v"]}}, "aliases": {"v": "x/y"}},
+         "alias 'v' points to 'x/y'"),
+    ],
+    ids=["format", "nodes-type", "no-root", "kind", "children", "alias"],
+)
+def test_a_crafted_object_graph_is_a_corrupt_checkpoint(tmp_path, graph, message):
+    path = Checkpoint(v=Variable(np.ones(3, np.float32))).write(str(tmp_path / "c"))
+    _resign_graph(path, graph)
+    target = Variable(np.zeros(3, np.float32))
+    with pytest.raises(dcheckpoint.CorruptCheckpointError, match=message):
+        Checkpoint(v=target).read(path)
+    np.testing.assert_array_equal(np.asarray(target.value), np.zeros(3))  # nothing assigned
