@@ -275,6 +275,11 @@ class Checkpoint(AutoTrackable):
         for key, value in sorted(kwargs.items()):
             if key == _SAVE_COUNTER:
                 raise ValueError("'save_counter' is reserved for Checkpoint's own counter")
+            if key.startswith("_dc_"):
+                raise ValueError(
+                    f"Keyword argument {key!r}: names starting with '_dc_' are reserved for "
+                    "Checkpoint's own state and would not be saved"
+                )
             if classify(value) is None:
                 raise ValueError(
                     f"Checkpoint was expecting a trackable object for {key!r} (a Variable, "

@@ -300,3 +300,8 @@ def test_a_crafted_object_graph_is_a_corrupt_checkpoint(tmp_path, graph, message
     with pytest.raises(dcheckpoint.CorruptCheckpointError, match=message):
         Checkpoint(v=target).read(path)
     np.testing.assert_array_equal(np.asarray(target.value), np.zeros(3))  # nothing assigned
+
+
+def test_reserved_internal_names_are_refused():
+    with pytest.raises(ValueError, match="'_dc_model'.*reserved"):
+        Checkpoint(_dc_model=Variable(np.ones(2)))
