@@ -140,8 +140,17 @@ class ExportingCheckpointManager(CheckpointManager):
         # The export's collectives must not interleave with an async save's, which run
         # on the engine's background thread.
         self._checkpoint.sync()
-        self._export(number)
-        return self._write(number, options)
+        artifact = self._export(number)
+        try:
+            return self._write(number, options)
+        except Exception:
+            # Every process raises the same save error (a planning error is the same
+            # everywhere too); artifact N must not outlive the
+            # checkpoint it belongs to. (An async save that fails later is caught by the
+            # next manager's start, in _remove_leftovers.)
+            if self._comm.is_coordinator:
+                _delete_savedmodel(artifact)
+            raise
 
     def _export(self, number: int) -> str:
         """Writes one artifact (all processes; small files and commit: coordinator)."""
@@ -184,9 +193,15 @@ class ExportingCheckpointManager(CheckpointManager):
     def _remove_leftovers(self) -> None:
         super()._remove_leftovers()
         for path in self._savedmodel_dirs(committed=False):
+            number = path.rsplit("-", 1)[-1]
+            checkpoint = os.path.join(self._directory, f"{self._checkpoint_name}-{number}")
             if not _is_committed_savedmodel(path):
                 _delete_savedmodel(path)
                 logger.info("removed unfinished export %s", path)
+            elif not _engine.is_committed(checkpoint):
+                _delete_savedmodel(path)  # its checkpoint's save failed or was cut short
+                logger.info("removed export %s: checkpoint %s was never committed",
+                            path, checkpoint)
 
     def _delete(self, path: str) -> None:
         super()._delete(path)

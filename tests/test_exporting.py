@@ -1,7 +1,9 @@
 """ExportingCheckpointManager: artifacts beside checkpoints, their retention, the loader."""
 
+import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -144,3 +146,25 @@ def test_loader_errors(tmp_path):
     (tmp_path / "savedmodel-1" / "manifest.json").write_text('{"format": "pickle"}')
     with pytest.raises(CorruptCheckpointError, match="manifest.json' is malformed"):
         load_savedmodel(tmp_path / "savedmodel-1")
+
+
+def test_an_export_never_outlives_a_failed_checkpoint(tmp_path):
+    manager, w, _ = make_model(tmp_path, max_to_keep=3)
+    assert manager.save() == str(tmp_path / "ckpt-1")
+    manager.checkpoint.bad = np.array(["text"])  # the next checkpoint cannot be saved
+    with pytest.raises(ValueError, match="'bad'.*dtype"):
+        manager.save()
+    assert names(manager.get_existing_savedmodels()) == ["savedmodel-1"]
+    del manager.checkpoint.bad
+
+
+def test_exports_whose_checkpoint_never_committed_are_removed_at_start(tmp_path):
+    manager, _, _ = make_model(tmp_path, max_to_keep=3)
+    manager.save()
+    # What an async save that failed after its export leaves: artifact 7, no ckpt-7.
+    shutil.copytree(tmp_path / "savedmodel-1", tmp_path / "savedmodel-7")
+    del manager
+    gc.collect()
+    manager, _, _ = make_model(tmp_path, max_to_keep=3)
+    assert names(manager.get_existing_savedmodels()) == ["savedmodel-1"]
+    assert manager.latest_savedmodel == str(tmp_path / "savedmodel-1")
