@@ -49,7 +49,9 @@ logger = logging.getLogger(__name__)
 # Managers of one process share their directory's lock (tests and notebooks make a new
 # manager for a directory whose old one is still alive); another process is refused.
 _HELD_LOCKS: dict[str, list] = {}
-_HELD_LOCKS_GUARD = threading.Lock()
+# Reentrant: a manager's finalizer (_unlock_directory) can run from the garbage collector
+# in the middle of _lock_directory, on the same thread, while the guard is held.
+_HELD_LOCKS_GUARD = threading.RLock()
 
 
 def _lock_directory(directory: str) -> DirectoryLock:

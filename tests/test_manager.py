@@ -301,3 +301,24 @@ def test_iterator_timeout_ends_or_asks_timeout_fn(tmp_path):
                                  seconds_to_sleep=0.01)
     assert list(found) == []
     assert len(calls) == 3
+
+
+def test_a_finalizer_running_inside_lock_directory_does_not_deadlock(tmp_path, monkeypatch):
+    from dcheckpoint._lock import DirectoryLock
+
+    other, mine = str(tmp_path / "other"), str(tmp_path / "mine")
+    _manager._lock_directory(other)
+    real_acquire = DirectoryLock.acquire
+
+    def acquire_while_gc_finalizes(self):
+        _manager._unlock_directory(other)  # what a GC-run manager finalizer does here
+        return real_acquire(self)
+
+    monkeypatch.setattr(DirectoryLock, "acquire", acquire_while_gc_finalizes)
+    worker = threading.Thread(target=_manager._lock_directory, args=(mine,), daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "deadlocked on the lock registry's guard"
+    assert not os.path.exists(os.path.join(other, LOCK_FILENAME))
+    assert os.path.exists(os.path.join(mine, LOCK_FILENAME))
+    _manager._unlock_directory(mine)
