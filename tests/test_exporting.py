@@ -16,7 +16,7 @@ from dcheckpoint._checkpoint import Checkpoint
 from dcheckpoint._exporting import ExportingCheckpointManager, load_savedmodel
 from dcheckpoint._variable import Variable
 from dcheckpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
-from tests.mp_util import REPO_ROOT, results
+from tests.mp_util import REPO_ROOT, results, run_launch
 
 WORKER = REPO_ROOT / "tests" / "workers" / "manager_worker.py"
 INPUT_SPEC = jax.ShapeDtypeStruct((3, 4), jnp.float32)
@@ -168,3 +168,27 @@ def test_exports_whose_checkpoint_never_committed_are_removed_at_start(tmp_path)
     manager, _, _ = make_model(tmp_path, max_to_keep=3)
     assert names(manager.get_existing_savedmodels()) == ["savedmodel-1"]
     assert manager.latest_savedmodel == str(tmp_path / "savedmodel-1")
+
+
+def test_exporting_manager_under_mpiexec_and_the_artifact_in_a_fresh_process(tmp_path):
+    by_rank = results(run_launch(WORKER, "export", tmp_path, processes=2,
+                                 devices_per_process=4))
+    for r in by_rank:  # both processes agree on what is managed
+        assert r["checkpoints"] == ["ckpt-2", "ckpt-3"]
+        assert r["savedmodels"] == ["savedmodel-2", "savedmodel-3"]
+        assert r["latest"] == "savedmodel-3"
+    assert by_rank[0]["on_disk"] == [
+        "checkpoint", "ckpt-2", "ckpt-3", "savedmodel-2", "savedmodel-3"]
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    np.save(tmp_path / "inputs.npy", x)
+    completed = subprocess.run(
+        [sys.executable, str(WORKER), "load", str(tmp_path / "savedmodel-3"),
+         str(tmp_path / "inputs.npy")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    (found,) = results(completed)
+    w = np.arange(32, dtype=np.float32).reshape(4, 8) / 32 + 3.0  # after three saves
+    # float32 matmul in another order than numpy's: close, not bit-equal.
+    np.testing.assert_allclose(np.array(found["outputs"], np.float32), np.tanh(x @ w),
+                               rtol=1e-5, atol=1e-6)

@@ -6,6 +6,8 @@ Modes:
   skew DIR                under ``-n 2``: three saves, then a new manager with rank 1's
                           clock two hours behind rank 0's.
   refused DIR             under ``-n 2``, while the test process holds DIR's writer lock.
+  export DIR              under ``-n 2``: an ExportingCheckpointManager on a (4, 2) mesh
+                          saves three times with max_to_keep=2.
   load ARTIFACT INPUTS    loads an exported artifact and calls it on INPUTS (.npy).
 
 Prints ``RESULT {json}`` lines; the manager's log lines go to stdout prefixed "[rank]".
@@ -26,7 +28,7 @@ import numpy as np  # noqa: E402
 
 from dcheckpoint._checkpoint import Checkpoint  # noqa: E402
 from dcheckpoint._comm import default_communicator  # noqa: E402
-from dcheckpoint._exporting import load_savedmodel  # noqa: E402
+from dcheckpoint._exporting import ExportingCheckpointManager, load_savedmodel  # noqa: E402
 from dcheckpoint._manager import CheckpointManager  # noqa: E402
 from dcheckpoint._options import CheckpointOptions  # noqa: E402
 from dcheckpoint._variable import Variable  # noqa: E402
@@ -98,6 +100,30 @@ def start_while_locked(directory):
         report(error=f"{type(error).__name__}: {error}")
 
 
+def export_under_mpi(directory):
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4, 2), ("x", "y"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    values = np.arange(32, dtype=np.float32).reshape(4, 8) / 32
+    w = Variable(jax.make_array_from_callback(
+        (4, 8), NamedSharding(mesh, P(None, "x")), lambda idx: values[idx]))
+    manager = ExportingCheckpointManager(
+        Checkpoint(w=w), directory, 2,
+        serving_fn=lambda params, x: jnp.tanh(x @ params["w"]),
+        params_fn=lambda: {"w": w.value},
+        input_specs=[jax.ShapeDtypeStruct((3, 4), jnp.float32)],
+    )
+    for _ in range(3):
+        w.assign(w.value + 1.0)
+        manager.save()
+    manager.sync()
+    report(checkpoints=names(manager.checkpoints), savedmodels=names(manager.savedmodels),
+           latest=os.path.basename(manager.latest_savedmodel),
+           on_disk=sorted(n for n in os.listdir(directory) if not n.startswith(".")))
+
+
 def load_and_call(artifact, inputs_path):
     inputs = np.load(inputs_path, allow_pickle=False)
     outputs = load_savedmodel(artifact)(inputs)
@@ -111,5 +137,6 @@ if __name__ == "__main__":
         "mpi": save_under_mpi,
         "skew": new_manager_with_a_skewed_clock,
         "refused": start_while_locked,
+        "export": export_under_mpi,
         "load": load_and_call,
     }[mode](*args)
