@@ -28,6 +28,7 @@ import numpy as np
 
 from . import _engine
 from ._manager import CheckpointManager, _iterate, _wait_for_new
+from ._options import CheckpointOptions
 from ._storage import LocalStorage, fsync_dir
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
@@ -140,7 +141,7 @@ class ExportingCheckpointManager(CheckpointManager):
         # The export's collectives must not interleave with an async save's, which run
         # on the engine's background thread.
         self._checkpoint.sync()
-        artifact = self._export(number)
+        artifact = self._export(number, options or CheckpointOptions())
         try:
             return self._write(number, options)
         except Exception:
@@ -152,7 +153,7 @@ class ExportingCheckpointManager(CheckpointManager):
                 _delete_savedmodel(artifact)
             raise
 
-    def _export(self, number: int) -> str:
+    def _export(self, number: int, options: CheckpointOptions) -> str:
         """Writes one artifact (all processes; small files and commit: coordinator)."""
         path = os.path.join(self._directory, f"{self._savedmodel_name}-{number}")
         params = self._params_fn()
@@ -161,7 +162,7 @@ class ExportingCheckpointManager(CheckpointManager):
             jax.tree.map(_spec_of, params), *self._input_specs
         )
         tag = f"export {path!r}"
-        timeout_secs = 600.0
+        timeout_secs = options.timeout_secs
         if self._comm.is_coordinator:
             _delete_savedmodel(path)  # a user-given number may repeat one
             os.makedirs(path)
