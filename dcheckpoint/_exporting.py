@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 
 import jax
@@ -29,7 +28,8 @@ import numpy as np
 from . import _engine
 from ._manager import CheckpointManager, _iterate, _wait_for_new
 from ._options import CheckpointOptions
-from ._storage import LocalStorage, fsync_dir
+from ._state_file import delete_checkpoint
+from ._storage import LocalStorage
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 __all__ = ["ExportingCheckpointManager", "LoadedSavedModel", "load_savedmodel"]
@@ -50,15 +50,7 @@ def _is_committed_savedmodel(path: str) -> bool:
 
 def _delete_savedmodel(path: str) -> bool:
     """Deletes one artifact: the manifest first, so a partial deletion is never loaded."""
-    if not os.path.isdir(path):
-        return False
-    try:
-        os.remove(os.path.join(path, MANIFEST_FILE))
-        fsync_dir(path)
-    except FileNotFoundError:
-        pass
-    shutil.rmtree(path, ignore_errors=True)
-    return True
+    return delete_checkpoint(path, marker=MANIFEST_FILE)
 
 
 def _spec_of(value) -> jax.ShapeDtypeStruct:

@@ -10,28 +10,17 @@ import jax
 from ._engine import read_metadata, restore_arrays, save_arrays
 from ._options import CheckpointOptions
 from ._paths import join_path
+from ._tracking import key_name
 from .errors import CheckpointMismatchError
 
 __all__ = ["save_pytree", "restore_pytree"]
-
-
-def _key_name(key) -> str:
-    if isinstance(key, jax.tree_util.DictKey):
-        return str(key.key)
-    if isinstance(key, jax.tree_util.SequenceKey):
-        return str(key.idx)
-    if isinstance(key, jax.tree_util.GetAttrKey):
-        return key.name
-    if isinstance(key, jax.tree_util.FlattenedIndexKey):
-        return str(key.key)
-    return str(key)
 
 
 def _flatten(tree: Any) -> tuple[dict[str, Any], Any]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
     named = {}
     for keys, leaf in leaves:
-        named[join_path(_key_name(k) for k in keys) or "value"] = leaf
+        named[join_path(key_name(k) for k in keys) or "value"] = leaf
     return named, treedef
 
 

@@ -68,18 +68,18 @@ def is_committed(path: str | os.PathLike) -> bool:
     return open_storage(path).exists(METADATA_FILE)
 
 
-def delete_checkpoint(path: str | os.PathLike) -> bool:
+def delete_checkpoint(path: str | os.PathLike, marker: str = METADATA_FILE) -> bool:
     """Deletes one checkpoint (coordinator only); returns whether it existed.
 
-    The metadata file goes first (and, locally, the directory is fsynced), so a
-    deletion cut short leaves something that no reader takes for a committed
-    checkpoint; on object stores this is what makes deletion safe at all, as the
-    remaining objects are deleted one by one.
+    The commit marker (the metadata file; an export's manifest) goes first (and,
+    locally, the directory is fsynced), so a deletion cut short leaves something that
+    no reader takes for a committed checkpoint; on object stores this is what makes
+    deletion safe at all, as the remaining objects are deleted one by one.
     """
     storage = open_storage(path)
     if not storage.exists():
         return False
-    storage.remove(METADATA_FILE)
+    storage.remove(marker)
     storage.remove_tree()
     return True
 

@@ -29,6 +29,7 @@ __all__ = [
     "AutoTrackable",
     "GRAPH_FORMAT",
     "check_graph",
+    "key_name",
     "LEAF_KINDS",
     "classify",
     "children",
@@ -100,7 +101,8 @@ def join(parent: str, name: str) -> str:
     return f"{parent}/{name}" if parent else name
 
 
-def _key_name(key) -> str:
+def key_name(key) -> str:
+    """The readable name of one pytree key (dict key, attribute, index)."""
     if isinstance(key, DictKey):
         return str(key.key)
     if isinstance(key, GetAttrKey):
@@ -115,7 +117,7 @@ def _key_name(key) -> str:
 def pytree_children(value):
     """One level of a pytree node: ``([(name, child)], treedef)`` to rebuild it."""
     keyed, treedef = jax.tree_util.tree_flatten_with_path(value, is_leaf=lambda x: x is not value)
-    return [(_key_name(path[0]), child) for path, child in keyed], treedef
+    return [(key_name(path[0]), child) for path, child in keyed], treedef
 
 
 def children(value, kind: str) -> list[tuple[str, object]]:
