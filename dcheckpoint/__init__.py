@@ -8,7 +8,7 @@ from ._lock import DirectoryLock
 from ._manager import CheckpointManager, checkpoints_iterator, wait_for_new_checkpoint
 from ._metadata import ArrayMetadata, CheckpointMetadata
 from ._options import CheckpointOptions
-from ._pytree import restore_pytree, save_pytree
+from ._pytree import restore_pytree, save_pytree, target_from_metadata
 from ._state_file import CheckpointState, get_checkpoint_state, latest_checkpoint
 from ._status import CheckpointAssertionError, CheckpointLoadStatus, InitializationOnlyStatus
 from ._tracking import AutoTrackable
@@ -58,4 +58,5 @@ __all__ = [
     "read_metadata",
     "restore_pytree",
     "save_pytree",
+    "target_from_metadata",
 ]

@@ -9,13 +9,12 @@ what has no object yet (deferred restoration) and recording both in the load sta
 from __future__ import annotations
 
 import functools
-import urllib.parse
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcheckpoint import _engine
+from dcheckpoint import _engine, _paths
 from dcheckpoint._async import Saver
 from dcheckpoint._status import CheckpointLoadStatus, InitializationOnlyStatus, MatchState
 from dcheckpoint._tracking import (
@@ -211,7 +210,7 @@ class _Restorer:
                 ckpt_path=join(ckpt_path, name),
                 cur_path=join(cur_path, name),
             )
-            owner._dc_defer(urllib.parse.unquote(name), attach)
+            owner._dc_defer(_paths.unescape(name), attach)
 
     def attach(self, value, *, ckpt_path: str, cur_path: str):
         """Restores a value attached after the restore (deferred), its leaves batched."""

@@ -46,6 +46,7 @@ from ._metadata import (
 )
 from ._options import CheckpointOptions
 from ._plan import SavePlan, plan_read, plan_save
+from ._state_file import STATE_FILENAME, latest_checkpoint
 from ._storage import fsync_tree, open_storage
 from .errors import CheckpointError, CheckpointNotFoundError, CoordinationError
 
@@ -268,6 +269,8 @@ def read_metadata(directory: str) -> CheckpointMetadata:
     """
     storage = open_storage(directory)
     if not storage.exists(METADATA_FILE):
+        if storage.exists(STATE_FILENAME):
+            raise CheckpointNotFoundError(_manager_directory_hint(directory))
         why = ("the directory exists but has no metadata file: an incomplete save"
                if storage.exists() else "no such directory")
         raise CheckpointNotFoundError(
@@ -275,6 +278,19 @@ def read_metadata(directory: str) -> CheckpointMetadata:
         )
     data = storage.read_bytes(METADATA_FILE, max_bytes=MAX_METADATA_BYTES)
     return decode_metadata(data, source=os.path.join(directory, METADATA_FILE))
+
+
+def _manager_directory_hint(directory: str) -> str:
+    """A manager's directory holds checkpoints; name the one the caller probably meant."""
+    try:
+        latest = latest_checkpoint(directory)
+    except CheckpointError:  # a damaged state file: still give the hint
+        latest = None
+    found = f" (now {latest!r})" if latest else "; it names no committed checkpoint yet"
+    return (
+        f"{directory!r} is a CheckpointManager's directory, not a checkpoint: pass one of "
+        f"its checkpoints, e.g. dcheckpoint.latest_checkpoint({directory!r}){found}"
+    )
 
 
 def restore_arrays(

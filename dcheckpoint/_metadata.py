@@ -31,7 +31,9 @@ __all__ = [
 
 METADATA_FILE = "dcheckpoint.json"
 FORMAT_NAME = "dcheckpoint"
-FORMAT_VERSION = 1
+# 2: keys escape only "%", "/" and the empty key; storage names are hashed when not plain
+# (docs/FORMAT.md, "Names"). Version 1 percent-encoded keys, so its paths mean other keys.
+FORMAT_VERSION = 2
 MAX_METADATA_BYTES = 256 * 1024 * 1024
 _MAX_RANK = 32
 _MAX_ELEMENTS = 2**62
@@ -130,10 +132,7 @@ def decode_metadata(data: bytes, *, source: str) -> CheckpointMetadata:
         raise CorruptCheckpointError(f"{source}: not a dcheckpoint metadata file")
     version = doc.get("format_version")
     if type(version) is not int or version != FORMAT_VERSION:  # True == 1 in Python
-        raise CorruptCheckpointError(
-            f"{source}: unknown format version {version!r}; this library reads "
-            f"version {FORMAT_VERSION}"
-        )
+        raise CorruptCheckpointError(f"{source}: {_version_problem(version)}")
     body = doc.get("checkpoint")
     if not isinstance(body, dict) or doc.get("sha256") != _digest(body):
         raise CorruptCheckpointError(
@@ -158,6 +157,19 @@ def decode_metadata(data: bytes, *, source: str) -> CheckpointMetadata:
         writer=writer,
         format_version=version,
     )
+
+
+def _version_problem(version: object) -> str:
+    """Why a checkpoint of another format version cannot be read, and what to do."""
+    found = f"format version {version!r}, this dcheckpoint reads version {FORMAT_VERSION}"
+    if type(version) is not int:
+        return f"malformed {found}"
+    if version > FORMAT_VERSION:
+        return (f"unsupported {found}: it was written by a newer dcheckpoint; "
+                "upgrade dcheckpoint to read it")
+    return (f"unsupported {found}: it was written by an older dcheckpoint, whose array "
+            "names are encoded differently; restore it with that release and save it "
+            "again with this one")
 
 
 def _array_from_json(path: object, entry: object) -> ArrayMetadata:

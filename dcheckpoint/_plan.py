@@ -19,7 +19,7 @@ import numpy as np
 from mesh import Layout
 
 from ._metadata import SUPPORTED_DTYPES, ArrayMetadata
-from ._paths import to_storage_path
+from ._paths import storage_paths, to_storage_path
 from .errors import CheckpointMismatchError
 
 __all__ = ["WriteItem", "SavePlan", "ReadItem", "plan_save", "plan_read", "normalize_index"]
@@ -87,6 +87,10 @@ def plan_save(arrays: Mapping[str, Any], *, is_coordinator: bool) -> SavePlan:
             meta, items = _plan_host_value(path, value, is_coordinator)
         metas[path] = meta
         writes.extend(items)
+    # Storage names are chosen once for the whole save: siblings that differ only in
+    # case must not share a directory on a case-insensitive file system.
+    stored = storage_paths(metas)
+    metas = {p: dataclasses.replace(m, storage_path=stored[p]) for p, m in metas.items()}
     return SavePlan(arrays=metas, writes=tuple(writes))
 
 

@@ -1,27 +1,75 @@
 """The functional API for JAX users who want no object graph: save a pytree, restore it
-onto a target pytree of shardings."""
+onto a target pytree of shardings, or get it back as saved.
+
+Array names follow the one rule of ``_paths``: a leaf's key path, each key escaped,
+joined with ``/`` (``params/dense/kernel``); a tree that is one leaf is named ``value``.
+``Checkpoint(t={...})`` names the same values the same way, so either API reads what
+the other wrote under the user's own keys.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
+from jax.tree_util import SequenceKey
+
+from mesh import Mesh
 
 from ._engine import read_metadata, restore_arrays, save_arrays
+from ._metadata import ArrayMetadata, CheckpointMetadata
 from ._options import CheckpointOptions
-from ._paths import join_path
-from ._tracking import key_name
-from .errors import CheckpointMismatchError
+from ._paths import join_path, unescape
+from ._tracking import CONTAINER_KINDS, GRAPH_FORMAT, check_graph, key_name
+from ._variable import Variable
+from .errors import CheckpointMismatchError, CorruptCheckpointError
 
-__all__ = ["save_pytree", "restore_pytree"]
+__all__ = ["save_pytree", "restore_pytree", "target_from_metadata"]
+
+_LEAF_ROOT = "value"  # the name of a tree that is a single leaf
+_SAVABLE = "jax.Array, numpy array or scalar, Python bool/int/float/complex, or Variable"
 
 
 def _flatten(tree: Any) -> tuple[dict[str, Any], Any]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
     named = {}
     for keys, leaf in leaves:
-        named[join_path(key_name(k) for k in keys) or "value"] = leaf
+        named[join_path(key_name(k) for k in keys) or _LEAF_ROOT] = leaf
     return named, treedef
+
+
+def _container_kinds(tree: Any) -> dict[str, str]:
+    """``{path: "list" | "dict"}`` of every container holding a leaf, root ``""``.
+
+    Sequences (lists, tuples) are lists; every other node (dicts, dataclasses,
+    NamedTuples, custom nodes) is a dict by child name. A tree that is one leaf has none.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+    if treedef.num_nodes == 1 and treedef.num_leaves == 1:
+        return {}
+    kinds = {"": "list" if isinstance(tree, list | tuple) else "dict"}
+    for keys, _ in leaves:
+        for i, key in enumerate(keys):
+            kinds[join_path(key_name(k) for k in keys[:i])] = (
+                "list" if isinstance(key, SequenceKey) else "dict"
+            )
+    return kinds
+
+
+def _savable(path: str, leaf: Any) -> Any:
+    """The value saved for ``leaf``; an unsupported leaf is an error naming it."""
+    if isinstance(leaf, Variable):
+        return leaf.value
+    if isinstance(leaf, jax.Array | np.ndarray | np.generic | bool | int | float | complex):
+        return leaf
+    raise CheckpointMismatchError(
+        f"save_pytree: leaf {path!r} has type {type(leaf).__module__}."
+        f"{type(leaf).__qualname__}, which cannot be saved; supported leaves: {_SAVABLE}. "
+        "Register its class as a "
+        "pytree node (jax.tree_util.register_dataclass) or convert it to an array"
+    )
 
 
 def save_pytree(
@@ -29,40 +77,222 @@ def save_pytree(
 ) -> str:
     """Saves every array leaf of ``tree`` as one checkpoint at ``path``.
 
-    Leaves are jax.Arrays (any sharding), numpy arrays or Python scalars; their tree
-    paths ("params/dense/kernel") become the array paths. Collective under multi-process.
+    Leaves are jax.Arrays (any sharding), numpy arrays, Python scalars or Variables;
+    their key paths ("params/dense/kernel", keys escaped as docs/FORMAT.md says) become
+    the array paths. Collective under multi-process.
 
     Returns:
       ``path``.
+
+    Raises:
+      ValueError: a leaf is None or of an unsupported type (a CheckpointMismatchError
+        naming it and what is supported).
     """
     named, _ = _flatten(tree)
     none_leaves = [k for k, v in named.items() if v is None]
     if none_leaves:
         raise ValueError(f"save_pytree: leaves {none_leaves[:5]} are None; nothing to save")
-    return save_arrays(path, named, object_graph={"kind": "pytree", "leaves": sorted(named)},
-                       options=options)
+    named = {k: _savable(k, v) for k, v in named.items()}
+    graph = {"kind": "pytree", "leaves": sorted(named), "containers": _container_kinds(tree)}
+    return save_arrays(path, named, object_graph=graph, options=options)
 
 
-def restore_pytree(path: str, target: Any) -> Any:
+def restore_pytree(path: str, target: Any = None) -> Any:
     """Restores the checkpoint at ``path`` into the structure of ``target``.
 
     Args:
       target: a pytree whose leaves say where each array goes: a jax.Array or
         ``jax.ShapeDtypeStruct`` with a sharding (restored onto that sharding, shape and
-        dtype checked), a ``Sharding``, a numpy array, or None (host numpy).
+        dtype checked), a ``Sharding``, a numpy array, or None (host numpy). With no
+        target at all, the whole checkpoint comes back as saved (see below).
     Returns:
-      a pytree of the same structure holding the restored arrays.
+      a pytree of the same structure holding the restored arrays. Without a target:
+      host numpy arrays nested as saved, by key name: lists and tuples as lists, every
+      other container (dicts, dataclasses, NamedTuples, custom pytree nodes, and a
+      ``Checkpoint``'s objects) as a dict; a ``Checkpoint``'s ``save_counter`` is
+      included. ``target_from_metadata`` builds a target of the same shape.
     Raises:
-      CheckpointMismatchError: the checkpoint lacks a leaf of ``target`` or disagrees
-        on a shape or dtype.
+      CheckpointMismatchError: the checkpoint lacks a leaf of ``target``, disagrees on
+        a shape or dtype, or a target sharding does not divide the saved shape.
     """
-    named, treedef = _flatten(target)
     metadata = read_metadata(path)
+    if target is None:
+        values = restore_arrays(path, dict.fromkeys(metadata.arrays), metadata=metadata)
+        return _as_saved(metadata, values, source=str(path))
+    named, treedef = _flatten(target)
     missing = sorted(set(named) - set(metadata.arrays))
     if missing:
         raise CheckpointMismatchError(
             f"Checkpoint {path!r} has no arrays {missing[:5]} that the restore target "
             f"expects; it holds {sorted(metadata.arrays)[:10]}"
         )
+    for name, leaf in named.items():
+        _check_divides(name, leaf, metadata.arrays[name])
     restored = restore_arrays(path, named, metadata=metadata)
     return jax.tree_util.tree_unflatten(treedef, [restored[k] for k in named])
+
+
+def _check_divides(path: str, target: Any, meta: ArrayMetadata) -> None:
+    """A target sharding must cut the saved shape evenly (JAX arrays cannot be ragged)."""
+    if isinstance(target, jax.sharding.Sharding):
+        sharding = target
+    elif isinstance(target, jax.ShapeDtypeStruct) and tuple(target.shape) == meta.shape:
+        sharding = target.sharding
+    else:
+        return  # no sharding, or a shape mismatch that restore_arrays reports
+    if not isinstance(sharding, jax.sharding.Sharding):
+        return
+    try:
+        sharding.shard_shape(meta.shape)
+    except ValueError as e:
+        detail = str(e).split(" implies that ", 1)[-1]  # JAX's message repeats the sharding
+        raise CheckpointMismatchError(
+            f"Array {path!r}: the target sharding {sharding} does not divide the saved "
+            f"shape {meta.shape}: {detail}. Choose a sharding whose axis sizes divide each "
+            "dimension, or leave that dimension unsharded"
+        ) from None
+
+
+def target_from_metadata(
+    checkpoint: str | CheckpointMetadata,
+    sharding: jax.sharding.Sharding | Mesh | jax.sharding.Mesh | Callable | None = None,
+) -> Any:
+    """A restore target of ``jax.ShapeDtypeStruct``s for every array of a checkpoint.
+
+    The tree has the structure ``restore_pytree(path)`` returns; pass it, edited or not,
+    to ``restore_pytree(path, target)`` to read each array straight onto its sharding.
+
+    Args:
+      checkpoint: a checkpoint path, or its ``read_metadata`` result.
+      sharding: where each array goes.
+        - None: no sharding (``restore_pytree`` gives host numpy arrays);
+        - a ``jax.sharding.Sharding``: every array on it (e.g. replicated);
+        - a ``mesh.Mesh`` or ``jax.sharding.Mesh``: each array split over the axes it
+          was saved on, by axis name; a dimension whose axes the mesh lacks, or whose
+          size they do not divide, is unsharded;
+        - a callable ``(path, ArrayMetadata) -> Sharding or None``.
+    Returns:
+      nested dicts/lists of ``jax.ShapeDtypeStruct(shape, dtype, sharding=...)``.
+    Raises:
+      CheckpointNotFoundError: no checkpoint at ``checkpoint``.
+      TypeError: ``sharding`` is none of the above, or a callable returned another type.
+    """
+    metadata = checkpoint if isinstance(checkpoint, CheckpointMetadata) else read_metadata(
+        checkpoint)
+    rule = _sharding_rule(sharding)
+    leaves = {}
+    for path, meta in metadata.arrays.items():
+        chosen = rule(path, meta)
+        if chosen is not None and not isinstance(chosen, jax.sharding.Sharding):
+            raise TypeError(
+                f"Array {path!r}: the sharding rule returned a {type(chosen).__name__}, "
+                "expected a jax.sharding.Sharding or None"
+            )
+        leaves[path] = jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=chosen)
+    return _as_saved(metadata, leaves, source=str(checkpoint))
+
+
+def _sharding_rule(sharding) -> Callable[[str, ArrayMetadata], Any]:
+    if sharding is None or isinstance(sharding, jax.sharding.Sharding):
+        return lambda path, meta: sharding
+    if isinstance(sharding, Mesh | jax.sharding.Mesh):
+        jax_mesh = sharding.jax_mesh if isinstance(sharding, Mesh) else sharding
+        return lambda path, meta: _as_saved_on(jax_mesh, meta)
+    if callable(sharding):
+        return sharding
+    raise TypeError(
+        "target_from_metadata: sharding must be None, a jax.sharding.Sharding, a Mesh or "
+        f"a callable (path, ArrayMetadata) -> Sharding; found {type(sharding).__name__}"
+    )
+
+
+def _as_saved_on(jax_mesh: jax.sharding.Mesh, meta: ArrayMetadata):
+    """The saved layout's axis names on ``jax_mesh``, where they divide the shape."""
+    specs = (meta.layout or {}).get("sharding_specs")
+    if not isinstance(specs, list) or len(specs) != len(meta.shape):
+        specs = [None] * len(meta.shape)
+    sizes = dict(jax_mesh.shape)
+    partition, used = [], set()
+    for dim, entry in zip(meta.shape, specs, strict=True):
+        names = tuple(entry) if isinstance(entry, list) else (entry,)
+        fits = all(isinstance(n, str) and n in sizes and n not in used for n in names)
+        if fits and dim % int(np.prod([sizes[n] for n in names])) == 0:
+            partition.append(names if len(names) > 1 else names[0])
+            used.update(names)
+        else:
+            partition.append(None)
+    return jax.sharding.NamedSharding(jax_mesh, jax.sharding.PartitionSpec(*partition))
+
+
+def _as_saved(metadata: CheckpointMetadata, values: dict[str, Any], *, source: str) -> Any:
+    """Nests ``values`` (one per saved array path) as the checkpoint's writer saved them.
+
+    The structure comes from the object graph: a ``Checkpoint``'s nodes (lists stay
+    lists, every other container is a dict; an object saved under two paths appears at
+    both) or ``save_pytree``'s container kinds; other checkpoints nest by path, in dicts.
+    """
+    children, kinds, aliases = _structure(metadata, source)
+    if "" not in kinds:  # save_pytree of a single leaf
+        return values[_LEAF_ROOT]
+    built: dict[str, Any] = {}
+
+    def build(path: str, *, follow: bool = True) -> Any:
+        if follow and path in aliases:
+            return build(aliases[path], follow=False)  # aliases point at nodes, never chain
+        if path in built:
+            return built[path]  # shared objects and cycles: the one object built
+        if path not in kinds:
+            if path not in values:
+                raise CorruptCheckpointError(
+                    f"{source}: {path!r} is in the object graph but no array is stored for it"
+                )
+            return values[path]
+        names = children.get(path, ())
+        indices = [int(n) for n in names if n.isascii() and n.isdigit()]
+        # A list from a crafted file must not allocate more than its names justify.
+        as_list = kinds[path] == "list" and len(indices) == len(names) and max(
+            indices, default=0) < 2 * len(names) + 16
+        out: Any = [None] * (max(map(int, names), default=-1) + 1) if as_list else {}
+        built[path] = out
+        for name in names:
+            out[int(name) if as_list else unescape(name)] = build(
+                f"{path}/{name}" if path else name)
+        return out
+
+    try:
+        return build("")
+    except RecursionError:
+        raise CorruptCheckpointError(f"{source}: the object graph nests too deeply") from None
+
+
+def _structure(metadata: CheckpointMetadata, source: str):
+    """``(children {path: [names]}, kinds {container path: kind}, aliases {path: path})``."""
+    graph = metadata.object_graph
+    if isinstance(graph, dict) and graph.get("format") == GRAPH_FORMAT:
+        nodes, aliases = check_graph(graph, source=source)
+        kinds = {p: n["kind"] for p, n in nodes.items() if n["kind"] in CONTAINER_KINDS}
+        return {p: list(nodes[p]["children"]) for p in kinds}, kinds, aliases
+    kinds: dict[str, str] = {"": "dict"}
+    if isinstance(graph, dict) and graph.get("kind") == "pytree" and "containers" in graph:
+        kinds = graph["containers"]
+        if not isinstance(kinds, dict) or not all(
+            isinstance(p, str) and p not in metadata.arrays and k in ("dict", "list")
+            for p, k in kinds.items()
+        ):
+            raise CorruptCheckpointError(f"{source}: malformed pytree 'containers' {kinds!r}")
+        if not kinds:
+            if list(metadata.arrays) != [_LEAF_ROOT]:
+                raise CorruptCheckpointError(
+                    f"{source}: a single-leaf pytree must hold one array {_LEAF_ROOT!r}, "
+                    f"found {sorted(metadata.arrays)[:5]}"
+                )
+            return {}, {}, {}
+        kinds = dict(kinds)
+    children: dict[str, dict[str, None]] = {}  # dicts as ordered sets
+    for path in metadata.arrays:
+        parts = path.split("/")
+        for i in range(len(parts)):
+            parent = "/".join(parts[:i])
+            kinds.setdefault(parent, "dict")
+            children.setdefault(parent, {})[parts[i]] = None
+    return children, kinds, {}

@@ -15,15 +15,15 @@ Node kinds: ``variable`` and ``array`` are leaves (one saved array each); ``trac
 
 from __future__ import annotations
 
-import urllib.parse
 from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
+from dcheckpoint import _paths
 from dcheckpoint._variable import Variable
-from dcheckpoint.errors import CorruptCheckpointError
+from dcheckpoint.errors import CheckpointMismatchError, CorruptCheckpointError
 
 __all__ = [
     "AutoTrackable",
@@ -92,8 +92,8 @@ def classify(value) -> str | None:
 
 
 def escape(name) -> str:
-    """Makes one path component: ``str(name)`` with ``/`` and ``%`` percent-escaped."""
-    return urllib.parse.quote(str(name), safe="")
+    """One path component for the key ``name``: the naming rule of ``_paths.escape``."""
+    return _paths.escape(name)
 
 
 def join(parent: str, name: str) -> str:
@@ -187,7 +187,7 @@ def flatten(top: list[tuple[str, object]]) -> tuple[dict[str, object], dict]:
 def leaf_paths(value, path: str) -> list[str]:
     """Paths of the leaves (variables, arrays) reachable from ``value`` at ``path``."""
     parent, _, name = path.rpartition("/")
-    top = [(urllib.parse.unquote(name), value)]
+    top = [(_paths.unescape(name), value)]
     prefix = f"{parent}/" if parent else ""
     return [prefix + p for p, kind, _, alias in _walk(top) if kind in LEAF_KINDS and alias is None]
 
@@ -202,6 +202,12 @@ def check_graph(graph: object, *, source: str) -> tuple[dict, dict]:
     def bad(what: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{source}: object graph {what}")
 
+    if isinstance(graph, dict) and graph.get("kind") == "pytree":
+        raise CheckpointMismatchError(
+            f"{source} was written by save_pytree, which records no object graph for "
+            "Checkpoint to match; read it with dcheckpoint.restore_pytree(path, target), "
+            "or restore_pytree(path) for the tree as saved"
+        )
     if not isinstance(graph, dict) or graph.get("format") != GRAPH_FORMAT:
         raise bad(f"format is not {GRAPH_FORMAT!r} (not written by Checkpoint, or corrupt)")
     nodes, aliases = graph.get("nodes"), graph.get("aliases")

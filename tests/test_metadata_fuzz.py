@@ -113,5 +113,5 @@ def test_the_valid_document_decodes():
 def test_deeply_nested_json_is_refused_not_crashed():
     _decode(b"[" * 100_000 + b"]" * 100_000)
     deep = "[" * 5000 + "]" * 5000
-    assert _decode(f'{{"format": "dcheckpoint", "format_version": 1, "checkpoint": {deep}}}'
+    assert _decode(f'{{"format": "dcheckpoint", "format_version": 2, "checkpoint": {deep}}}'
                    .encode()) is None

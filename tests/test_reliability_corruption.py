@@ -3,6 +3,7 @@ what was expected and what was found; no crash, hang or huge allocation."""
 
 import json
 import os
+import re
 import shutil
 
 import jax
@@ -116,12 +117,17 @@ def test_symlinked_metadata_file_pointing_outside(checkpoint, tmp_path):
         read_metadata(checkpoint)
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, "1", None, 1.5, True])
-def test_unknown_format_versions(checkpoint, version):
+@pytest.mark.parametrize("version, advice", [
+    (0, "older dcheckpoint"), (1, "older dcheckpoint.*save it again"),
+    (3, "newer dcheckpoint; upgrade"), (99, "newer dcheckpoint"),
+    ("2", "malformed"), (None, "malformed"), (2.5, "malformed"), (True, "malformed"),
+])
+def test_unknown_format_versions(checkpoint, version, advice):
     _edit_metadata(checkpoint, lambda doc: doc.update(format_version=version))
-    with pytest.raises(CorruptCheckpointError,
-                       match=rf"unknown format version {version!r}.*reads version 1"):
+    with pytest.raises(CorruptCheckpointError, match=rf"dcheckpoint.json: .*format version "
+                       rf"{re.escape(repr(version))}, this dcheckpoint reads version 2") as e:
         read_metadata(checkpoint)
+    assert re.search(advice, str(e.value)), str(e.value)
 
 
 @pytest.mark.parametrize("field, value, found", [

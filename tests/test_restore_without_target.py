@@ -1,0 +1,213 @@
+"""restore_pytree(path) gives a checkpoint back as saved, and target_from_metadata builds
+the Orbax-style target (ShapeDtypeStructs with shardings) to restore onto a new mesh."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import dcheckpoint
+from dcheckpoint import AutoTrackable, Checkpoint, Variable
+from dcheckpoint._metadata import _digest
+from dcheckpoint.errors import CorruptCheckpointError
+from mesh import Mesh
+from tests.mp_util import REPO_ROOT
+
+
+class Pair(NamedTuple):
+    first: np.ndarray
+    second: np.ndarray
+
+
+def _mesh(shape, names=("data", "model")):
+    return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def _put(values, sharding):
+    return jax.make_array_from_callback(values.shape, sharding, lambda idx: values[idx])
+
+
+def _assert_equal_trees(got, expected):
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        assert isinstance(a, np.ndarray), type(a)
+        assert a.dtype == np.asarray(b).dtype
+        np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_save_pytree_comes_back_as_nested_dicts_and_lists(tmp_path):
+    tree = {
+        "params": {"dense": {"kernel": np.arange(6.0).reshape(2, 3), "bias": np.zeros(3)}},
+        "layers": [np.arange(2), (np.arange(3), np.int32(7))],
+        "pair": Pair(np.ones(2), np.full(2, 2.0)),
+        "step": np.int64(5),
+    }
+    path = dcheckpoint.save_pytree(str(tmp_path / "p"), tree)
+    out = dcheckpoint.restore_pytree(path)
+    expected = {
+        "params": tree["params"],
+        "layers": [np.arange(2), [np.arange(3), np.asarray(np.int32(7))]],
+        "pair": {"first": np.ones(2), "second": np.full(2, 2.0)},  # a NamedTuple: a dict
+        "step": np.asarray(np.int64(5)),
+    }
+    _assert_equal_trees(out, expected)
+    assert isinstance(out["layers"][1], list)
+
+
+def test_a_single_leaf_and_a_dict_named_value_stay_apart(tmp_path):
+    leaf = dcheckpoint.save_pytree(str(tmp_path / "leaf"), np.arange(4))
+    np.testing.assert_array_equal(dcheckpoint.restore_pytree(leaf), np.arange(4))
+    named = dcheckpoint.save_pytree(str(tmp_path / "named"), {"value": np.arange(4)})
+    out = dcheckpoint.restore_pytree(named)
+    assert list(out) == ["value"]
+    np.testing.assert_array_equal(out["value"], np.arange(4))
+    assert dcheckpoint.restore_pytree(dcheckpoint.save_pytree(str(tmp_path / "e"), {})) == {}
+
+
+def test_sharded_arrays_come_back_whole_on_the_host(tmp_path):
+    values = np.arange(64, dtype=np.float32).reshape(8, 8)
+    sharded = _put(values, NamedSharding(_mesh((4, 2)), P("data", "model")))
+    path = dcheckpoint.save_pytree(str(tmp_path / "p"), {"w": sharded})
+    out = dcheckpoint.restore_pytree(path)
+    assert isinstance(out["w"], np.ndarray)
+    np.testing.assert_array_equal(out["w"], values)
+
+
+def test_a_real_optax_state_comes_back_by_field_name(tmp_path):
+    params = {"w": jnp.arange(4.0), "b": jnp.ones(2)}
+    opt_state = optax.adam(1e-3).init(params)
+    _, opt_state = optax.adam(1e-3).update(params, opt_state, params), opt_state
+    path = dcheckpoint.save_pytree(str(tmp_path / "p"), {"params": params, "opt": opt_state})
+    out = dcheckpoint.restore_pytree(path)
+    adam = out["opt"][0]  # (ScaleByAdamState, EmptyState): the empty state holds no array
+    assert set(adam) == {"count", "mu", "nu"} and len(out["opt"]) == 1
+    np.testing.assert_array_equal(adam["mu"]["w"], np.asarray(opt_state[0].mu["w"]))
+    np.testing.assert_array_equal(out["params"]["b"], np.ones(2))
+
+
+def test_checkpoint_comes_back_by_graph_path_with_save_counter(tmp_path):
+    model = AutoTrackable()
+    model.dense = {"kernel": Variable(jnp.arange(6.0).reshape(3, 2))}
+    model.layers = [Variable(jnp.zeros(2)), np.arange(3)]
+    model.shared = model.layers[1]      # one object under two paths
+    model.self_ref = model              # a cycle
+    model.name = "not data"             # skipped, as in TensorFlow
+    path = Checkpoint(model=model, opt=Pair(np.ones(1), np.zeros(1))).save(str(tmp_path / "c"))
+    out = dcheckpoint.restore_pytree(path)
+    assert set(out) == {"model", "opt", "save_counter"}
+    np.testing.assert_array_equal(out["save_counter"], 1)
+    np.testing.assert_array_equal(out["model"]["dense"]["kernel"], np.arange(6.0).reshape(3, 2))
+    assert isinstance(out["model"]["layers"], list)
+    assert out["model"]["shared"] is out["model"]["layers"][1]
+    assert out["model"]["self_ref"] is out["model"]
+    assert set(out["opt"]) == {"first", "second"}
+
+
+def test_crafted_alias_cycles_are_refused_not_a_recursion(tmp_path):
+    path = Checkpoint(a={"x": np.ones(1)}).write(str(tmp_path / "c"))
+    meta_file = os.path.join(path, "dcheckpoint.json")
+    doc = json.load(open(meta_file))
+    graph = doc["checkpoint"]["object_graph"]
+    for i in range(3000):  # a chain of containers, each holding the next
+        graph["nodes"][f"n{i}"] = {"kind": "dict", "children": ["c"]}
+        graph["aliases"][f"n{i}/c"] = f"n{i + 1}"
+    graph["nodes"]["n3000"] = {"kind": "dict", "children": []}
+    graph["nodes"][""]["children"].append("n0")
+    doc["sha256"] = _digest(doc["checkpoint"])
+    json.dump(doc, open(meta_file, "w"))
+    with pytest.raises(CorruptCheckpointError, match="nests too deeply"):
+        dcheckpoint.restore_pytree(path)
+    graph["nodes"]["a"]["children"].append("gone")  # a child with neither node nor array
+    doc["sha256"] = _digest(doc["checkpoint"])
+    json.dump(doc, open(meta_file, "w"))
+    with pytest.raises(CorruptCheckpointError, match="'a/gone' is in the object graph"):
+        dcheckpoint.restore_pytree(path)
+
+
+def test_target_from_metadata_reshards_from_4x2_onto_2x4(tmp_path):
+    """The Orbax-style flow: read metadata, build a target, restore onto a new mesh."""
+    saved_mesh = _mesh((4, 2))
+    kernel = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)
+    bias = np.arange(8, dtype=np.int32)
+    tree = {"kernel": _put(kernel, NamedSharding(saved_mesh, P("data", "model"))),
+            "bias": _put(bias, NamedSharding(saved_mesh, P("data"))),
+            "step": np.int32(3)}
+    path = dcheckpoint.save_pytree(str(tmp_path / "p"), tree)
+
+    new_mesh = _mesh((2, 4))
+    target = dcheckpoint.target_from_metadata(dcheckpoint.read_metadata(path), new_mesh)
+    # Saved axis names, on the new mesh; "model" (4 now) does not divide 6: unsharded.
+    assert target["kernel"].sharding == NamedSharding(new_mesh, P("data", None))
+    assert target["bias"].sharding == NamedSharding(new_mesh, P("data"))
+    assert target["step"].shape == () and target["step"].dtype == np.int32
+    out = dcheckpoint.restore_pytree(path, target)
+    for name, values in [("kernel", kernel), ("bias", bias)]:
+        assert out[name].sharding == target[name].sharding
+        for shard in out[name].addressable_shards:
+            np.testing.assert_array_equal(shard.data, values[shard.index])
+    np.testing.assert_array_equal(out["step"], 3)
+
+
+def test_target_from_metadata_sharding_rules(tmp_path):
+    values = np.arange(32, dtype=np.float32).reshape(8, 4)
+    saved = _put(values, NamedSharding(_mesh((4, 2)), P("data", "model")))
+    path = dcheckpoint.save_pytree(str(tmp_path / "p"), {"a": {"w": saved}})
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[3])
+
+    replicated = NamedSharding(_mesh((2, 4)), P())
+    tree = dcheckpoint.target_from_metadata(path, replicated)
+    assert tree["a"]["w"].sharding == replicated
+
+    seen = []
+
+    def rule(name, meta):
+        seen.append((name, meta.shape))
+        return one_device
+
+    out = dcheckpoint.restore_pytree(path, dcheckpoint.target_from_metadata(path, rule))
+    assert seen == [("a/w", (8, 4))] and out["a"]["w"].devices() == {jax.devices()[3]}
+    np.testing.assert_array_equal(np.asarray(out["a"]["w"]), values)
+
+    ours = Mesh(("data", "model"), (8, 1))  # a mesh.Mesh works as well as a jax Mesh
+    tree = dcheckpoint.target_from_metadata(path, ours)
+    assert tree["a"]["w"].sharding == NamedSharding(ours.jax_mesh, P("data", "model"))
+
+    host = dcheckpoint.restore_pytree(path, dcheckpoint.target_from_metadata(path))
+    assert isinstance(host["a"]["w"], np.ndarray)
+    with pytest.raises(TypeError, match="sharding must be None, a jax.sharding.Sharding"):
+        dcheckpoint.target_from_metadata(path, "data")
+    with pytest.raises(TypeError, match="Array 'a/w': the sharding rule returned a str"):
+        dcheckpoint.target_from_metadata(path, lambda name, meta: "data")
+
+
+def test_target_from_metadata_of_a_checkpoint_matches_restore_without_target(tmp_path):
+    path = Checkpoint(t={"sp ace": np.arange(3)}, l=[np.ones(2)]).save(str(tmp_path / "c"))
+    target = dcheckpoint.target_from_metadata(path)
+    as_saved = dcheckpoint.restore_pytree(path)
+    assert jax.tree.structure(target) == jax.tree.structure(as_saved)
+    out = dcheckpoint.restore_pytree(path, target)
+    np.testing.assert_array_equal(out["t"]["sp ace"], np.arange(3))
+
+
+def test_readme_restore_flow_runs_as_written(tmp_path):
+    readme = (REPO_ROOT / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+                   if "target_from_metadata" in b)
+    script = tmp_path / "example.py"
+    script.write_text(example.replace("/tmp/readme-pytree", str(tmp_path)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # it emulates its own
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["ndarray", "P('data', 'model')"]
