@@ -21,6 +21,7 @@ from dcheckpoint._paths import (
     unescape,
 )
 from dcheckpoint.errors import CheckpointMismatchError, CorruptCheckpointError
+from tests.mp_util import REPO_ROOT, results, run_launch
 
 # Keys users write, and the ones that broke: a 30-character CJK key made a 450-byte
 # file name; "sp ace" was "sp%20ace" for Checkpoint but "sp ace" for save_pytree.
@@ -195,3 +196,20 @@ def test_case_only_siblings_get_their_own_directories(tmp_path):
     out = dcheckpoint.restore_pytree(path)
     np.testing.assert_array_equal(out["W"], np.ones(2))
     np.testing.assert_array_equal(out["w"], np.zeros(2))
+
+
+def test_two_processes_agree_on_storage_names_and_reshard(tmp_path):
+    """Every process derives the same storage names: chunks written by process 1 land
+    where the coordinator's metadata says, and both read them onto a (2, 4) mesh."""
+    out = results(run_launch(REPO_ROOT / "tests" / "workers" / "naming_worker.py",
+                             tmp_path / "ckpt", processes=2, devices_per_process=4))
+    path = str(tmp_path / "ckpt-1")
+    assert [r["path"] for r in out] == [path, path]
+    keys = ["sp ace", "a/b", "W", "w", "日本語の鍵" * 6, "ü" * 100, ""]
+    for r in out:
+        assert r["bad"] == [] and r["keys"] == sorted(keys)
+    _assert_fits_file_systems(path)
+    as_saved = dcheckpoint.restore_pytree(path)["t"]
+    for i, key in enumerate(keys):
+        np.testing.assert_array_equal(
+            as_saved[key], np.arange(32, dtype=np.float32).reshape(8, 4) + 100 * i)
