@@ -29,6 +29,7 @@ from .errors import CheckpointMismatchError, CorruptCheckpointError
 __all__ = ["save_pytree", "restore_pytree", "target_from_metadata"]
 
 _LEAF_ROOT = "value"  # the name of a tree that is a single leaf
+_MAX_ALIAS_HOPS = 64
 _SAVABLE = "jax.Array, numpy array or scalar, Python bool/int/float/complex, or Variable"
 
 
@@ -110,7 +111,10 @@ def restore_pytree(path: str, target: Any = None) -> Any:
       host numpy arrays nested as saved, by key name: lists and tuples as lists, every
       other container (dicts, dataclasses, NamedTuples, custom pytree nodes, and a
       ``Checkpoint``'s objects) as a dict; a ``Checkpoint``'s ``save_counter`` is
-      included. ``target_from_metadata`` builds a target of the same shape.
+      included, and an object it saved under several paths is at each of them (one
+      that contains itself is left out there, so the result is a tree).
+      ``target_from_metadata`` builds a target of the same shape. A target leaf whose
+      path runs through such a shared object reads the array saved at its first path.
     Raises:
       CheckpointMismatchError: the checkpoint lacks a leaf of ``target``, disagrees on
         a shape or dtype, or a target sharding does not divide the saved shape.
@@ -120,16 +124,31 @@ def restore_pytree(path: str, target: Any = None) -> Any:
         values = restore_arrays(path, dict.fromkeys(metadata.arrays), metadata=metadata)
         return _as_saved(metadata, values, source=str(path))
     named, treedef = _flatten(target)
-    missing = sorted(set(named) - set(metadata.arrays))
+    aliases = {}
+    if any(name not in metadata.arrays for name in named):
+        aliases = _structure(metadata, str(path))[2]
+    saved = {name: _resolve(name, aliases) for name in named}
+    missing = sorted(name for name, s in saved.items() if s not in metadata.arrays)
     if missing:
         raise CheckpointMismatchError(
             f"Checkpoint {path!r} has no arrays {missing[:5]} that the restore target "
             f"expects; it holds {sorted(metadata.arrays)[:10]}"
         )
     for name, leaf in named.items():
-        _check_divides(name, leaf, metadata.arrays[name])
-    restored = restore_arrays(path, named, metadata=metadata)
-    return jax.tree_util.tree_unflatten(treedef, [restored[k] for k in named])
+        _check_divides(name, leaf, metadata.arrays[saved[name]])
+    # One read per saved array; a second target leaf on the same array (a shared object
+    # saved once) reuses it when it asks for the same placement.
+    first: dict[str, str] = {}
+    for name in named:
+        first.setdefault(saved[name], name)
+    read = restore_arrays(path, {s: named[n] for s, n in first.items()}, metadata=metadata)
+    leaves = []
+    for name, leaf in named.items():
+        if leaf is named[first[saved[name]]]:
+            leaves.append(read[saved[name]])
+        else:
+            leaves.append(restore_arrays(path, {saved[name]: leaf}, metadata=metadata)[saved[name]])
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _check_divides(path: str, target: Any, meta: ArrayMetadata) -> None:
@@ -228,41 +247,68 @@ def _as_saved(metadata: CheckpointMetadata, values: dict[str, Any], *, source: s
     """Nests ``values`` (one per saved array path) as the checkpoint's writer saved them.
 
     The structure comes from the object graph: a ``Checkpoint``'s nodes (lists stay
-    lists, every other container is a dict; an object saved under two paths appears at
-    both) or ``save_pytree``'s container kinds; other checkpoints nest by path, in dicts.
+    lists, every other container is a dict) or ``save_pytree``'s container kinds; other
+    checkpoints nest by path, in dicts. An object a ``Checkpoint`` saved under several
+    paths is one object at each of them, except where it would contain itself (a
+    cycle): the result is always a tree that ``jax.tree`` functions can walk.
     """
     children, kinds, aliases = _structure(metadata, source)
     if "" not in kinds:  # save_pytree of a single leaf
         return values[_LEAF_ROOT]
     built: dict[str, Any] = {}
+    active: set[str] = set()  # containers being built: an alias to one is a cycle
+    skip = object()
 
-    def build(path: str, *, follow: bool = True) -> Any:
-        if follow and path in aliases:
-            return build(aliases[path], follow=False)  # aliases point at nodes, never chain
+    def build(path: str) -> Any:
+        path = aliases.get(path, path)  # check_graph: an alias names a node, not an alias
+        if path in active:
+            return skip
         if path in built:
-            return built[path]  # shared objects and cycles: the one object built
+            return built[path]
         if path not in kinds:
             if path not in values:
                 raise CorruptCheckpointError(
                     f"{source}: {path!r} is in the object graph but no array is stored for it"
                 )
             return values[path]
-        names = children.get(path, ())
-        indices = [int(n) for n in names if n.isascii() and n.isdigit()]
+        active.add(path)
+        items = {}
+        for name in children.get(path, ()):
+            value = build(f"{path}/{name}" if path else name)
+            if value is not skip:
+                items[name] = value
+        active.discard(path)
+        indices = [int(n) for n in items if n.isascii() and n.isdigit()]
         # A list from a crafted file must not allocate more than its names justify.
-        as_list = kinds[path] == "list" and len(indices) == len(names) and max(
-            indices, default=0) < 2 * len(names) + 16
-        out: Any = [None] * (max(map(int, names), default=-1) + 1) if as_list else {}
+        if kinds[path] == "list" and len(indices) == len(items) and max(
+                indices, default=0) < 2 * len(items) + 16:
+            out: Any = [None] * (max(indices, default=-1) + 1)
+            for index, value in zip(indices, items.values(), strict=True):
+                out[index] = value
+        else:
+            out = {unescape(name): value for name, value in items.items()}
         built[path] = out
-        for name in names:
-            out[int(name) if as_list else unescape(name)] = build(
-                f"{path}/{name}" if path else name)
         return out
 
     try:
         return build("")
     except RecursionError:
         raise CorruptCheckpointError(f"{source}: the object graph nests too deeply") from None
+
+
+def _resolve(path: str, aliases: dict[str, str]) -> str:
+    """The saved path of ``path`` when it runs through an alias (an object a
+    ``Checkpoint`` saved once, under its first path): ``b/w`` -> ``a/w`` if ``b`` -> ``a``."""
+    for _ in range(_MAX_ALIAS_HOPS):
+        parts = path.split("/")
+        for i in range(1, len(parts) + 1):
+            alias_of = aliases.get("/".join(parts[:i]))
+            if alias_of is not None:
+                path = "/".join([alias_of, *parts[i:]])
+                break
+        else:
+            return path
+    return path  # a crafted alias loop: reported as missing
 
 
 def _structure(metadata: CheckpointMetadata, source: str):
