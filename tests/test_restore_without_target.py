@@ -235,3 +235,34 @@ def test_readme_restore_flow_runs_as_written(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["ndarray", "P('data', 'model')"]
+
+
+def test_a_real_flax_train_state_as_saved_and_onto_a_mesh(tmp_path):
+    from flax import linen as nn
+    from flax.training import train_state
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(nn.relu(nn.Dense(4)(x)))
+
+    model = MLP()
+    params = model.init(jax.random.PRNGKey(0), jnp.ones((1, 2)))
+    state = train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                          tx=optax.adam(1e-3))
+    state = state.apply_gradients(grads=jax.tree.map(jnp.ones_like, state.params))
+    path = dcheckpoint.save_pytree(str(tmp_path / "ts"), state)
+
+    saved = dcheckpoint.restore_pytree(path)  # a TrainState comes back as a dict
+    assert set(saved) == {"step", "params", "opt_state"}
+    np.testing.assert_array_equal(saved["step"], 1)
+    kernel = np.asarray(state.params["params"]["Dense_1"]["kernel"])
+    np.testing.assert_array_equal(saved["params"]["params"]["Dense_1"]["kernel"], kernel)
+    np.testing.assert_array_equal(saved["opt_state"][0]["mu"]["params"]["Dense_1"]["kernel"],
+                                  np.asarray(state.opt_state[0].mu["params"]["Dense_1"]["kernel"]))
+
+    mesh = _mesh((2, 4))
+    restored = dcheckpoint.restore_pytree(path, dcheckpoint.target_from_metadata(path, mesh))
+    assert restored["params"]["params"]["Dense_1"]["kernel"].sharding.mesh == mesh
+    rebuilt = dcheckpoint.restore_pytree(path, jax.tree.map(lambda _: None, state))
+    assert isinstance(rebuilt, train_state.TrainState) and int(rebuilt.step) == 1
