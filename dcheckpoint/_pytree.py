@@ -37,7 +37,11 @@ def _flatten(tree: Any) -> tuple[dict[str, Any], Any]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
     named = {}
     for keys, leaf in leaves:
-        named[join_path(key_name(k) for k in keys) or _LEAF_ROOT] = leaf
+        name = join_path(key_name(k) for k in keys) or _LEAF_ROOT
+        if name in named:
+            raise ValueError(f"{name!r}: two keys of one container have this name "
+                             "(names are str(key): 1 and '1' collide); rename one")
+        named[name] = leaf
     return named, treedef
 
 

@@ -172,6 +172,9 @@ def flatten(top: list[tuple[str, object]]) -> tuple[dict[str, object], dict]:
     nodes: dict[str, dict] = {"": {"kind": "trackable", "children": []}}
     aliases: dict[str, str] = {}
     for path, kind, value, alias_of in _walk(top):
+        if path in nodes or path in aliases:
+            raise ValueError(f"{path!r}: two keys of one container have this name "
+                             "(names are str(key): 1 and '1' collide); rename one")
         parent, _, name = path.rpartition("/")
         nodes[parent]["children"].append(name)
         if alias_of is not None:

@@ -213,3 +213,9 @@ def test_two_processes_agree_on_storage_names_and_reshard(tmp_path):
     for i, key in enumerate(keys):
         np.testing.assert_array_equal(
             as_saved[key], np.arange(32, dtype=np.float32).reshape(8, 4) + 100 * i)
+
+
+def test_keys_whose_names_collide_are_refused_not_overwritten(tmp_path):
+    with pytest.raises(ValueError, match=r"'t/1': two keys of one container have this name"):
+        Checkpoint(t={1: np.ones(1), "1": np.zeros(1)}).write(str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
