@@ -22,6 +22,7 @@ from .errors import (
     CoordinationError,
     CoordinationTimeoutError,
     CorruptCheckpointError,
+    StorageTimeoutError,
 )
 
 __all__ = [
@@ -58,4 +59,5 @@ __all__ = [
     "read_metadata",
     "restore_pytree",
     "save_pytree",
+    "StorageTimeoutError",
 ]
