@@ -129,6 +129,12 @@ def wait_all(futures, *, timeout_secs: float, what: str,
         deadline = time.monotonic() + timeout_secs
     if given_up and abandon_under is not None:
         with _ABANDONED_LOCK:
+            # Forget what has finished since (a local staging directory is never saved
+            # into again, so nothing else would).
+            for key in list(_ABANDONED):
+                _ABANDONED[key] = [f for f in _ABANDONED[key] if not f.done()]
+                if not _ABANDONED[key]:
+                    del _ABANDONED[key]
             _ABANDONED.setdefault(abandon_under, []).extend(given_up)
     else:
         for future in given_up:
