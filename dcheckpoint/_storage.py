@@ -260,7 +260,7 @@ class ObjectStorage:
     def _wait(self, future, what: str, relpath: str = "", *, write: bool = False):
         where = self.join(relpath) if relpath else self.path
         return tsio.wait(future, timeout_secs=self.timeout_secs, what=f"{what} {where}",
-                         abandon_under=self.path if write else None)
+                         abandon_under=where if write else None)
 
     def _kv(self):
         if self._store is None:
@@ -299,8 +299,13 @@ class ObjectStorage:
         return result.value
 
     def write_bytes_atomic(self, relpath: str, data: bytes) -> None:
-        """One PUT: object stores show readers the old object or the new, never a mix."""
+        """One PUT: object stores show readers the old object or the new, never a mix.
+
+        A PUT of the same object given up on earlier must land (or fail) first, or it
+        could replace this one later (see `_tensorstore.settle_abandoned`).
+        """
         key = self.resolve_key(relpath)
+        tsio.settle_abandoned(self.join(key), timeout_secs=self.timeout_secs)
         self._wait(self._kv().write(key, data), "writing", key, write=True)
 
     def resolve_key(self, relpath: str) -> str:
@@ -366,7 +371,8 @@ class ObjectStorage:
         first means no reader ever takes a mix of old and new chunks for a checkpoint.
         The old ``zarr.json`` nodes may stay: the coordinator overwrites each with a
         plain PUT when it commits (see `_tensorstore.array_node`). Writes an earlier
-        save of this process gave up on under this prefix must land (or fail) first.
+        save of this process gave up on under this prefix (chunks, nodes, its marker)
+        must land (or fail) first.
         """
         del save_id
         tsio.settle_abandoned(self.path, timeout_secs=self.timeout_secs)

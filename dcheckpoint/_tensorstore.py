@@ -150,16 +150,18 @@ _ABANDONED_LOCK = threading.Lock()
 
 
 def settle_abandoned(prefix: str, *, timeout_secs: float) -> None:
-    """Before a save writes into ``prefix``: waits for writes an earlier one gave up on.
+    """Before writing into ``prefix``: waits for writes given up on at or under it.
 
-    Otherwise a chunk of the failed save, retried late, could overwrite the new save's
-    chunk of the same name after it committed: a silent mix of two saves.
+    Otherwise a write of a failed save, retried or released late, could overwrite what
+    a new save wrote under the same name after it committed (a marker: old metadata
+    over new chunks; the state file: an older list of checkpoints).
 
     Raises:
       StorageTimeoutError: they are still pending after ``timeout_secs``.
     """
     with _ABANDONED_LOCK:
-        pending = _ABANDONED.pop(prefix, [])
+        keys = [k for k in _ABANDONED if k == prefix or k.startswith(prefix + "/")]
+        pending = [f for k in keys for f in _ABANDONED.pop(k)]
     deadline = time.monotonic() + timeout_secs
     for i, future in enumerate(pending):
         try:
@@ -168,10 +170,10 @@ def settle_abandoned(prefix: str, *, timeout_secs: float) -> None:
             with _ABANDONED_LOCK:
                 _ABANDONED.setdefault(prefix, []).extend(pending[i:])
             raise StorageTimeoutError(
-                f"{prefix}: {len(pending) - i} writes of an earlier save into this prefix, "
-                f"given up on when storage did not answer, are still pending after "
-                f"{timeout_secs:g} s; saving here now could let them overwrite the new "
-                "checkpoint's objects (save under another name, or retry later)"
+                f"{prefix}: {len(pending) - i} earlier writes here, given up on when "
+                f"storage did not answer, are still pending after {timeout_secs:g} s; "
+                "writing now could let them land on top of the new objects later "
+                "(retry later, or save under another name)"
             ) from None
         except Exception:  # noqa: BLE001,S110 (it failed for good: nothing can land)
             pass

@@ -24,9 +24,11 @@ from dcheckpoint._storage import open_storage
 from dcheckpoint.errors import CheckpointError, StorageTimeoutError
 from tests.fault_proxy import FaultProxy
 from tests.moto_util import environment, make_bucket, moto_server
+from tests.mp_util import REPO_ROOT, results, run_launch
 
 FAST_RETRIES = {"s3_request_retries": {"max_retries": 32, "initial_delay": "10ms",
                                        "max_delay": "100ms"}}
+WORKER = REPO_ROOT / "tests" / "workers" / "s3_worker.py"
 STALL_SECS = 120  # far longer than any timeout here: a save that waited for it failed
 TIMEOUT_SECS = 2.0
 
@@ -191,6 +193,40 @@ def test_a_late_write_of_a_failed_save_cannot_overwrite_the_next_save_to_that_na
     assert marker.count("PUT") == 2  # the old one was held, then went through
     assert sorted(dcheckpoint.read_metadata(path).arrays) == ["b", "save_counter", "w"]
     assert_restores(path, 5)
+
+
+def test_a_late_state_file_write_cannot_replace_a_newer_one(proxy, directory, monkeypatch):
+    """The manager's state file PUT of save 2 is held past its bound, then released."""
+    monkeypatch.setenv(tsio.TIMEOUT_VARIABLE, str(TIMEOUT_SECS))  # the manager's own I/O
+    save_step(directory, 1)
+    second = manager(directory, 2)
+    # Held past the bound, released before the next save's own bound runs out.
+    released = time.monotonic() + 1.5 * TIMEOUT_SECS
+    proxy.stall(1.5 * TIMEOUT_SECS, match=put("/run/checkpoint"), count=1)
+    with pytest.raises(CheckpointError, match="writing .*/run/checkpoint"):
+        save(second, 2)
+    assert proxy.fired["stall"] == 1
+    assert save(second, 3) == f"{directory}/ckpt-3"  # waits for the held PUT first
+    time.sleep(max(0.0, released - time.monotonic()) + 1.0)
+    assert dcheckpoint.latest_checkpoint(directory) == f"{directory}/ckpt-3"
+    assert_restores(f"{directory}/ckpt-3", 2)
+
+
+def test_two_processes_save_through_errors_drops_and_lost_responses(proxy, directory):
+    """tests/workers/s3_worker.py: 3 saves with retention on (4, 2), then a restore
+    onto (2, 4), each process a separate client of the faulty proxy."""
+    proxy.fail(8)
+    proxy.drop(4)
+    proxy.lose_response(6, match=lambda r: r.method in ("PUT", "DELETE"))
+    saved = results(run_launch(WORKER, "save", directory, "4x2", processes=2,
+                               devices_per_process=4))
+    assert dict(proxy.fired) == {"fail": 8, "drop": 4, "lose_response": 6}
+    assert [(r["checkpoints"], r["latest"]) for r in saved] == [
+        (["ckpt-2", "ckpt-3"], f"{directory}/ckpt-3")] * 2
+    restored = results(run_launch(WORKER, "restore", directory, "2x4", processes=2,
+                                  devices_per_process=4))
+    assert [(r["restored"], r["bad"], r["checked"]) for r in restored] == [
+        (f"{directory}/ckpt-3", [], 4)] * 2
 
 
 @pytest.mark.parametrize("which,operation", [
