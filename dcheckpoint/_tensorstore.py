@@ -99,8 +99,8 @@ def wait(future, *, timeout_secs: float, what: str, abandon_under: str | None = 
     and never answers would block a plain ``result()`` for as long as it stalls.
     Giving up does not undo a write: TensorStore keeps retrying it even when cancelled,
     and a server may apply one it holds later. So a write given up on is remembered
-    under ``abandon_under`` (the prefix it writes into), and `settle_abandoned` makes a
-    later save into that prefix wait for it first; anything else is cancelled.
+    under ``abandon_under`` (the prefix or object it writes), and `settle_abandoned`
+    makes a later write there wait for it first; anything else is cancelled.
     """
     return wait_all([future], timeout_secs=timeout_secs, what=what,
                     abandon_under=abandon_under)[0]
@@ -144,7 +144,7 @@ def wait_all(futures, *, timeout_secs: float, what: str,
     return results
 
 
-# Writes this process gave up on, by the prefix they write into (see `wait`).
+# Writes this process gave up on, by the prefix or object they write (see `wait`).
 _ABANDONED: dict[str, list] = {}
 _ABANDONED_LOCK = threading.Lock()
 
@@ -175,7 +175,7 @@ def settle_abandoned(prefix: str, *, timeout_secs: float) -> None:
                 "writing now could let them land on top of the new objects later "
                 "(retry later, or save under another name)"
             ) from None
-        except Exception:  # noqa: BLE001,S110 (it failed for good: nothing can land)
+        except Exception:  # noqa: BLE001 (it failed for good: nothing can land)
             pass
 
 
