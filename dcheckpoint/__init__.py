@@ -22,6 +22,7 @@ from .errors import (
     CoordinationError,
     CoordinationTimeoutError,
     CorruptCheckpointError,
+    StorageTimeoutError,
 )
 
 __all__ = [
@@ -59,4 +60,5 @@ __all__ = [
     "restore_pytree",
     "save_pytree",
     "target_from_metadata",
+    "StorageTimeoutError",
 ]

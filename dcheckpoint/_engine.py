@@ -119,7 +119,7 @@ def write_and_commit(
     options = options or CheckpointOptions()
     comm = comm or default_communicator()
     timeout = options.timeout_secs
-    target = open_storage(directory)
+    target = open_storage(directory, timeout_secs=timeout)  # bounds storage waits too
 
     # 1. (coordinator) choose the save id; (all) receive it.
     save_id = uuid.uuid4().hex[:12] if comm.is_coordinator else None
@@ -173,13 +173,14 @@ def _write_chunks(staged, plan: SavePlan, compression) -> dict[str, list[list[in
     opens = {
         path: tsio.open_for_write(
             staged.kvstore_spec(plan.arrays[path].storage_path), plan.arrays[path],
-            compression, create=False,
+            compression,
         )
         for path in by_path
     }
     writes = []
     for path, items in by_path.items():
-        array = opens[path].result()
+        array = tsio.wait(opens[path], timeout_secs=staged.timeout_secs,
+                          what=f"opening array {path!r} in {staged.path}")
         for item in items:
             # The data outlives the write (jax.Arrays are immutable; async saves write
             # their own snapshot), so TensorStore may encode from it without a copy.
@@ -187,14 +188,8 @@ def _write_chunks(staged, plan: SavePlan, compression) -> dict[str, list[list[in
                 np.asarray(item.data), can_reference_source_data_indefinitely=True))
     # Wait for every write, even after one failed: the coordinator removes the staging
     # directory on failure, and a write still in flight would re-create it.
-    failures = []
-    for w in writes:
-        try:
-            w.result()
-        except Exception as e:  # noqa: BLE001 (the first one is raised below)
-            failures.append(e)
-    if failures:
-        raise failures[0]
+    tsio.wait_all(writes, timeout_secs=staged.timeout_secs, abandon_under=staged.path,
+                  what=f"writing this process's chunks into {staged.path}")
     return {path: [list(i.chunk) for i in items] for path, items in by_path.items()}
 
 
@@ -228,12 +223,12 @@ def _check_manifests(plan: SavePlan, reports: list[dict]) -> None:
 
 def _commit(target, staged, plan: SavePlan, object_graph, compression, comm) -> None:
     """(coordinator) Zarr metadata, group nodes, metadata file, fsync, publish."""
-    creates = [
-        tsio.open_for_write(staged.kvstore_spec(m.storage_path), m, compression, create=True)
+    # Plain writes, not TensorStore's create-if-absent: see tsio.array_node.
+    tsio.write_files(staged.kvstore_spec(), {
+        f"{m.storage_path}/zarr.json": tsio.array_node(m, compression)
         for m in plan.arrays.values()
-    ]
-    for c in creates:
-        c.result()
+    }, timeout_secs=staged.timeout_secs, abandon_under=staged.path,
+        what=f"writing the arrays' zarr.json in {staged.path}")
     groups = {""}
     for m in plan.arrays.values():
         parts = m.storage_path.split("/")[:-1]
@@ -445,8 +440,11 @@ def _aligned_empty(shape, dtype) -> np.ndarray:
 
 
 def _result(future, path: str, directory: str):
-    try:
-        return future.result()
+    try:  # bounded: a stalled object store must not hang a restore
+        return tsio.wait(future, timeout_secs=tsio.default_timeout_secs(),
+                         what=f"reading array {path!r} of {directory}")
+    except errors.StorageTimeoutError:
+        raise
     except (ValueError, RuntimeError, OSError) as e:
         raise tsio.translate_error(e, array=path, where=directory) from e
 

@@ -19,8 +19,9 @@ class CheckpointOptions:
         for the previous one; a background failure is raised by the next call.
       compression: ``None`` (default: random weights barely compress and compression
         costs CPU on the save path), ``"zstd"``, ``"gzip"`` or ``"blosc"``.
-      timeout_secs: bound on every wait for the other processes of the job. A crashed
-        peer turns into a ``CoordinationTimeoutError`` instead of a hang.
+      timeout_secs: bound on every wait for the other processes of the job and for
+        storage. A crashed peer turns into a ``CoordinationTimeoutError``, a stalled
+        object store into a ``StorageTimeoutError``, instead of a hang.
     """
 
     enable_async: bool = False

@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import logging
 import os
 import shutil
 import uuid
@@ -30,6 +31,8 @@ from .errors import CheckpointError, CorruptCheckpointError
 
 __all__ = ["LocalStorage", "ObjectStorage", "open_storage", "is_url", "TMP_MARKER"]
 
+logger = logging.getLogger(__name__)
+
 TMP_MARKER = ".tmp-"
 
 
@@ -38,19 +41,23 @@ def is_url(path) -> bool:
     return "://" in os.fspath(path)
 
 
-def open_storage(path) -> LocalStorage | ObjectStorage:
+def open_storage(path, *, timeout_secs: float | None = None) -> LocalStorage | ObjectStorage:
     """Returns the storage for a checkpoint location.
 
     Args:
       path: a local path, or ``s3://bucket/prefix`` / ``gs://bucket/prefix``.
+      timeout_secs: bound on each wait for storage (``timeout_secs`` attribute, used
+        by the storage itself and by the engine's TensorStore waits); None: the
+        default of calls without options (`_tensorstore.default_timeout_secs`).
 
     Raises:
       ValueError: a URL with another scheme, no bucket, or ``.``/``..`` components.
     """
     path = os.fspath(path)
+    timeout_secs = timeout_secs or tsio.default_timeout_secs()
     if is_url(path):
-        return ObjectStorage(path)
-    return LocalStorage(path)
+        return ObjectStorage(path, timeout_secs=timeout_secs)
+    return LocalStorage(path, timeout_secs=timeout_secs)
 
 
 class LocalStorage:
@@ -59,8 +66,10 @@ class LocalStorage:
     # A staged save is renamed into place (see `publish`).
     renames_atomically = True
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, timeout_secs: float | None = None):
         self.path = os.path.abspath(path)
+        # Bound on the engine's TensorStore waits on these files (see open_storage).
+        self.timeout_secs = timeout_secs or tsio.default_timeout_secs()
 
     def __repr__(self):
         return f"LocalStorage({self.path!r})"
@@ -70,7 +79,7 @@ class LocalStorage:
         return os.path.join(self.path, relpath)
 
     def child(self, relpath: str) -> LocalStorage:
-        return LocalStorage(os.path.join(self.path, relpath))
+        return LocalStorage(os.path.join(self.path, relpath), timeout_secs=self.timeout_secs)
 
     def make_dirs(self) -> None:
         os.makedirs(self.path, exist_ok=True)
@@ -163,7 +172,7 @@ class LocalStorage:
 
     def staging(self, save_id: str) -> LocalStorage:
         """The sibling directory a save writes into before it is renamed into place."""
-        return LocalStorage(f"{self.path}{TMP_MARKER}{save_id}")
+        return LocalStorage(f"{self.path}{TMP_MARKER}{save_id}", timeout_secs=self.timeout_secs)
 
     def publish(self, staged: LocalStorage) -> None:
         """Moves a fully written and fsynced staging directory to this path.
@@ -201,13 +210,18 @@ class ObjectStorage:
     last by the coordinator in one PUT, is the commit. A prefix without it is ignored
     by every reader.
 
+    Every write is a plain PUT (never create-if-absent) and every deletion a range
+    delete, so each request is idempotent: TensorStore retries one whose response was
+    lost without changing its outcome. Every wait is bounded by ``timeout_secs`` and
+    raises `StorageTimeoutError` naming the operation and the path.
+
     Raises:
       ValueError: an unknown scheme, no bucket, or a ``.``/``..``/empty key component.
     """
 
     renames_atomically = False
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, *, timeout_secs: float | None = None):
         scheme, _, rest = url.partition("://")
         bucket, _, key = rest.partition("/")
         if scheme not in _DRIVERS or not bucket:
@@ -218,6 +232,7 @@ class ObjectStorage:
         self._scheme, self._bucket = scheme, bucket
         self._key = _clean_key(key.rstrip("/"), where=url)
         self.path = f"{scheme}://{bucket}" + (f"/{self._key}" if self._key else "")
+        self.timeout_secs = timeout_secs or tsio.default_timeout_secs()
         self._store = None
 
     def __repr__(self):
@@ -228,7 +243,7 @@ class ObjectStorage:
         return f"{self.path}/{key}" if key else self.path
 
     def child(self, relpath: str) -> ObjectStorage:
-        return ObjectStorage(self.join(relpath))
+        return ObjectStorage(self.join(relpath), timeout_secs=self.timeout_secs)
 
     def make_dirs(self) -> None:
         """Nothing to do: prefixes exist as soon as a key under them does."""
@@ -242,20 +257,28 @@ class ObjectStorage:
             spec.update(s3_options())
         return spec
 
+    def _wait(self, future, what: str, relpath: str = "", *, write: bool = False):
+        where = self.join(relpath) if relpath else self.path
+        return tsio.wait(future, timeout_secs=self.timeout_secs, what=f"{what} {where}",
+                         abandon_under=where if write else None)
+
     def _kv(self):
         if self._store is None:
-            self._store = ts.KvStore.open(self.kvstore_spec(), context=tsio.context()).result()
+            self._store = self._wait(
+                ts.KvStore.open(self.kvstore_spec(), context=tsio.context()), "opening")
         return self._store
 
     def _keys(self, prefix: str) -> list[str]:
         """Every key under ``prefix`` ("" for all), relative to this storage."""
         key_range = ts.KvStore.KeyRange(prefix, _successor(prefix)) if prefix else None
-        return [k.decode() for k in self._kv().list(key_range).result()]
+        keys = self._wait(self._kv().list(key_range), "listing", prefix.rstrip("/"))
+        return [k.decode() for k in keys]
 
     def exists(self, relpath: str = "") -> bool:
         """Whether an object ``relpath``, or any object under it, exists."""
         key = self.resolve_key(relpath) if relpath else ""
-        if key and self._kv().list(ts.KvStore.KeyRange(key, key + "\0")).result():
+        if key and self._wait(self._kv().list(ts.KvStore.KeyRange(key, key + "\0")),
+                              "looking up", key):
             return True
         return bool(self._keys(f"{key}/" if key else ""))
 
@@ -265,7 +288,8 @@ class ObjectStorage:
         Raises:
           FileNotFoundError: no such object.
         """
-        result = self._kv().read(self.resolve_key(relpath)).result()
+        key = self.resolve_key(relpath)
+        result = self._wait(self._kv().read(key), "reading", key)
         if result.state != "value":
             raise FileNotFoundError(errno.ENOENT, "No such object", self.join(relpath))
         if len(result.value) > max_bytes:
@@ -275,8 +299,14 @@ class ObjectStorage:
         return result.value
 
     def write_bytes_atomic(self, relpath: str, data: bytes) -> None:
-        """One PUT: object stores show readers the old object or the new, never a mix."""
-        self._kv().write(self.resolve_key(relpath), data).result()
+        """One PUT: object stores show readers the old object or the new, never a mix.
+
+        A PUT of the same object given up on earlier must land (or fail) first, or it
+        could replace this one later (see `_tensorstore.settle_abandoned`).
+        """
+        key = self.resolve_key(relpath)
+        tsio.settle_abandoned(self.join(key), timeout_secs=self.timeout_secs)
+        self._wait(self._kv().write(key, data), "writing", key, write=True)
 
     def resolve_key(self, relpath: str) -> str:
         """The key of ``relpath``, refusing anything that could leave this prefix."""
@@ -310,14 +340,27 @@ class ObjectStorage:
         """
         existed = self.exists(relpath)
         key = self.resolve_key(relpath)
-        self._kv().delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()
-        self._kv().delete_range(ts.KvStore.KeyRange(f"{key}/", _successor(f"{key}/"))).result()
+        self._wait(self._kv().delete_range(ts.KvStore.KeyRange(key, key + "\0")),
+                   "deleting", key)
+        self._wait(self._kv().delete_range(ts.KvStore.KeyRange(f"{key}/", _successor(f"{key}/"))),
+                   "deleting everything under", key)
         return existed
 
     def remove_tree(self) -> None:
+        """Deletes every object under this prefix, as far as the store lets it.
+
+        Best effort, as `LocalStorage.remove_tree`: it runs as cleanup after a failed
+        save and in retention after the commit marker is gone, where what it cannot
+        delete is an uncommitted prefix that no reader takes for a checkpoint and the
+        next manager removes. A failure is logged, so that it never hides the error
+        that made a save clean up.
+        """
         if not self._key:
             raise CheckpointError(f"Refusing to delete every object of {self.path}")
-        self._kv().delete_range(ts.KvStore.KeyRange()).result()
+        try:
+            self._wait(self._kv().delete_range(ts.KvStore.KeyRange()), "deleting everything under")
+        except Exception as e:  # noqa: BLE001 (logged; see the docstring)
+            logger.warning("could not delete %s: %s", self.path, e)
 
     # -- staging and commit ----------------------------------------------------------
 
@@ -326,17 +369,15 @@ class ObjectStorage:
 
         There is no rename, so a save overwrites in place. Removing the metadata file
         first means no reader ever takes a mix of old and new chunks for a checkpoint.
-        The old ``zarr.json`` nodes go too, because the coordinator creates them anew
-        and TensorStore refuses to create over an existing one. Neither is written by
-        this save until every process has reported its chunks, and every process calls
-        this before reporting, so these deletions never touch the new save.
+        The old ``zarr.json`` nodes may stay: the coordinator overwrites each with a
+        plain PUT when it commits (see `_tensorstore.array_node`). Writes an earlier
+        save of this process gave up on under this prefix (chunks, nodes, its marker)
+        must land (or fail) first.
         """
         del save_id
-        self._kv().delete_range(ts.KvStore.KeyRange(METADATA, METADATA + "\0")).result()
-        nodes = [k for k in self._keys("") if k.rsplit("/", 1)[-1] == "zarr.json"]
-        for future in [self._kv().delete_range(ts.KvStore.KeyRange(k, k + "\0"))
-                       for k in nodes]:
-            future.result()
+        tsio.settle_abandoned(self.path, timeout_secs=self.timeout_secs)
+        self._wait(self._kv().delete_range(ts.KvStore.KeyRange(METADATA, METADATA + "\0")),
+                   "uncommitting (deleting the metadata file of)")
         return self
 
     def publish(self, staged: ObjectStorage) -> None:

@@ -2,19 +2,33 @@
 
 The engine hands this module an `ArrayMetadata` and a kvstore spec; it returns open
 TensorStore arrays. Chunk I/O itself is ``array[index].write(...)`` / ``.read()``
-futures, issued together so TensorStore's thread pool overlaps them.
+futures, issued together so TensorStore's thread pool overlaps them; `wait` and
+`wait_all` are how the library waits on any of them: never without a bound.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import threading
+import time
 
 import tensorstore as ts
 
 from ._metadata import ArrayMetadata
-from .errors import CheckpointError, CorruptCheckpointError
+from .errors import CheckpointError, CorruptCheckpointError, StorageTimeoutError
 
-__all__ = ["zarr_spec", "open_for_write", "open_for_read", "translate_error", "group_node"]
+__all__ = ["zarr_spec", "open_for_write", "open_for_read", "translate_error", "group_node",
+           "array_node", "write_files", "wait", "wait_all", "default_timeout_secs", "context"]
+
+# A JSON object of TensorStore context resources merged over this library's own, e.g.
+# '{"s3_request_retries": {"max_retries": 8}, "s3_request_concurrency": {"limit": 64}}'.
+CONTEXT_VARIABLE = "DCHECKPOINT_TENSORSTORE_CONTEXT"
+# The storage wait bound of calls that take no CheckpointOptions (restore, readers, the
+# manager's own state-file and retention I/O, the command line).
+TIMEOUT_VARIABLE = "DCHECKPOINT_STORAGE_TIMEOUT_SECS"
+DEFAULT_TIMEOUT_SECS = 600.0  # CheckpointOptions' default
 
 _COMPRESSION_CODECS = {
     None: [],
@@ -38,14 +52,139 @@ def context() -> ts.Context:
     A save or restore issues every chunk at once; TensorStore's default file I/O limit
     (about the core count) would let only a few blocking read/write+fsync calls run
     while the disk could take many, so the file limit is sized for I/O waits, not CPU.
+    Object store drivers keep TensorStore's defaults (32 concurrent requests; transient
+    errors retried with backoff from 1 s to 32 s); `CONTEXT_VARIABLE` overrides any of
+    it. TensorStore has no per-request timeout: our waits are bounded instead.
+
+    Raises:
+      ValueError: `CONTEXT_VARIABLE` is not a JSON object of valid context resources.
     """
     global _CONTEXT
     if _CONTEXT is None:
-        _CONTEXT = ts.Context({
-            "file_io_sync": True,
-            "file_io_concurrency": {"limit": _FILE_IO_CONCURRENCY},
-        })
+        spec = {"file_io_sync": True, "file_io_concurrency": {"limit": _FILE_IO_CONCURRENCY}}
+        extra = os.environ.get(CONTEXT_VARIABLE)
+        try:
+            spec.update(json.loads(extra) if extra else {})
+            _CONTEXT = ts.Context(spec)
+        except (ValueError, TypeError) as e:
+            raise ValueError(
+                f"{CONTEXT_VARIABLE}={extra!r}: expected a JSON object of TensorStore "
+                f"context resources ({e})"
+            ) from e
     return _CONTEXT
+
+
+def default_timeout_secs() -> float:
+    """The storage wait bound of calls without options: `TIMEOUT_VARIABLE`, else 600 s.
+
+    Raises:
+      ValueError: the variable is set but not a positive number of seconds.
+    """
+    text = os.environ.get(TIMEOUT_VARIABLE)
+    if not text:
+        return DEFAULT_TIMEOUT_SECS
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"{TIMEOUT_VARIABLE}={text!r}: expected a positive number of seconds")
+    return value
+
+
+def wait(future, *, timeout_secs: float, what: str, abandon_under: str | None = None):
+    """``future.result()``, given up after ``timeout_secs`` with a `StorageTimeoutError`.
+
+    TensorStore retries transient errors by itself, but a server that accepts a request
+    and never answers would block a plain ``result()`` for as long as it stalls.
+    Giving up does not undo a write: TensorStore keeps retrying it even when cancelled,
+    and a server may apply one it holds later. So a write given up on is remembered
+    under ``abandon_under`` (the prefix or object it writes), and `settle_abandoned`
+    makes a later write there wait for it first; anything else is cancelled.
+    """
+    return wait_all([future], timeout_secs=timeout_secs, what=what,
+                    abandon_under=abandon_under)[0]
+
+
+def wait_all(futures, *, timeout_secs: float, what: str,
+             abandon_under: str | None = None) -> list:
+    """Waits for every future; raises the first failure once all are done or given up.
+
+    The bound is on progress, not on the total: while futures keep completing, a long
+    save keeps going; once none has completed for ``timeout_secs``, the rest are given
+    up at once (a stalled server fails the call in about ``timeout_secs``, not in
+    ``timeout_secs`` per request). ``abandon_under``: see `wait`.
+    """
+    results, first_error, given_up = [], None, []
+    deadline = time.monotonic() + timeout_secs
+    for future in futures:
+        try:
+            results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+        except TimeoutError:
+            given_up.append(future)
+            first_error = first_error or _timed_out(what, timeout_secs)
+            continue
+        except Exception as e:  # noqa: BLE001 (the first one is raised below)
+            first_error = first_error or e
+        deadline = time.monotonic() + timeout_secs
+    if given_up and abandon_under is not None:
+        with _ABANDONED_LOCK:
+            # Forget what has finished since (a local staging directory is never saved
+            # into again, so nothing else would).
+            for key in list(_ABANDONED):
+                _ABANDONED[key] = [f for f in _ABANDONED[key] if not f.done()]
+                if not _ABANDONED[key]:
+                    del _ABANDONED[key]
+            _ABANDONED.setdefault(abandon_under, []).extend(given_up)
+    else:
+        for future in given_up:
+            future.cancel()
+    if first_error is not None:
+        raise first_error
+    return results
+
+
+# Writes this process gave up on, by the prefix or object they write (see `wait`).
+_ABANDONED: dict[str, list] = {}
+_ABANDONED_LOCK = threading.Lock()
+
+
+def settle_abandoned(prefix: str, *, timeout_secs: float) -> None:
+    """Before writing into ``prefix``: waits for writes given up on at or under it.
+
+    Otherwise a write of a failed save, retried or released late, could overwrite what
+    a new save wrote under the same name after it committed (a marker: old metadata
+    over new chunks; the state file: an older list of checkpoints).
+
+    Raises:
+      StorageTimeoutError: they are still pending after ``timeout_secs``.
+    """
+    with _ABANDONED_LOCK:
+        keys = [k for k in _ABANDONED if k == prefix or k.startswith(prefix + "/")]
+        pending = [f for k in keys for f in _ABANDONED.pop(k)]
+    deadline = time.monotonic() + timeout_secs
+    for i, future in enumerate(pending):
+        try:
+            future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            with _ABANDONED_LOCK:
+                _ABANDONED.setdefault(prefix, []).extend(pending[i:])
+            raise StorageTimeoutError(
+                f"{prefix}: {len(pending) - i} earlier writes here, given up on when "
+                f"storage did not answer, are still pending after {timeout_secs:g} s; "
+                "writing now could let them land on top of the new objects later "
+                "(retry later, or save under another name)"
+            ) from None
+        except Exception:  # noqa: BLE001 (it failed for good: nothing can land)
+            pass
+
+
+def _timed_out(what: str, timeout_secs: float) -> StorageTimeoutError:
+    return StorageTimeoutError(
+        f"{what}: storage did not answer within {timeout_secs:g} s (the bound is "
+        f"CheckpointOptions.timeout_secs for a save, {TIMEOUT_VARIABLE} otherwise): the "
+        "server stalls, the network is down, or requests still fail after retries"
+    )
 
 
 def zarr_spec(kvstore: dict, meta: ArrayMetadata, compression: str | None) -> dict:
@@ -76,16 +215,14 @@ def zarr_spec(kvstore: dict, meta: ArrayMetadata, compression: str | None) -> di
     }
 
 
-def open_for_write(kvstore: dict, meta: ArrayMetadata, compression: str | None, *, create: bool):
-    """Opens an array for writing; returns a future.
+def open_for_write(kvstore: dict, meta: ArrayMetadata, compression: str | None):
+    """Opens an array for writing its chunks; returns a future.
 
-    ``create=False`` assumes the metadata without any I/O: every process can start
-    writing its chunks at once, and only the coordinator writes ``zarr.json`` (with
-    ``create=True``) when it commits.
+    The metadata is assumed, without any I/O: every process can start writing its
+    chunks at once, and only the coordinator writes ``zarr.json`` (`array_node`) when
+    it commits.
     """
     spec = zarr_spec(kvstore, meta, compression)
-    if create:
-        return ts.open(spec, create=True, context=context())
     return ts.open(spec, open=True, assume_metadata=True, context=context())
 
 
@@ -98,6 +235,34 @@ def open_for_read(kvstore: dict, meta: ArrayMetadata):
         "schema": {"dtype": meta.dtype.name, "domain": {"shape": list(meta.shape)}},
     }
     return ts.open(spec, open=True, read=True, context=context())
+
+
+def array_node(meta: ArrayMetadata, compression: str | None) -> bytes:
+    """The bytes of an array's ``zarr.json``, exactly as TensorStore writes them.
+
+    The coordinator writes these with a plain PUT rather than TensorStore's create,
+    which is a create-if-absent: when its first response is lost and the request is
+    retried, it finds its own object and fails with ALREADY_EXISTS. Nothing else writes
+    a save's nodes (one writer per checkpoint), so the condition guards nothing and a
+    plain write is idempotent. Rendered through an in-memory store, not by hand, so the
+    node stays what any Zarr reader (and ``open_for_read``) expects.
+    """
+    spec = zarr_spec({"driver": "memory"}, meta, compression)
+    store = ts.open(spec, create=True, context=ts.Context()).result()
+    return store.kvstore.read("zarr.json").result().value
+
+
+def write_files(kvstore: dict, files: dict[str, bytes], *, timeout_secs: float,
+                what: str, abandon_under: str | None = None) -> None:
+    """Writes small files ``{key: bytes}`` under ``kvstore`` concurrently, unconditionally.
+
+    Each is one PUT on object stores (retrying one after a lost response rewrites the
+    same bytes) and a write-to-temporary-and-rename in the file driver.
+    """
+    store = wait(ts.KvStore.open(kvstore, context=context()), timeout_secs=timeout_secs,
+                 what=what)
+    wait_all([store.write(key, data) for key, data in files.items()],
+             timeout_secs=timeout_secs, what=what, abandon_under=abandon_under)
 
 
 def group_node() -> bytes:

@@ -15,6 +15,7 @@ __all__ = [
     "CoordinationError",
     "CoordinationTimeoutError",
     "CheckpointLockedError",
+    "StorageTimeoutError",
 ]
 
 
@@ -44,3 +45,7 @@ class CoordinationTimeoutError(CoordinationError, TimeoutError):
 
 class CheckpointLockedError(CheckpointError, RuntimeError):
     """Another live writer holds the checkpoint directory."""
+
+
+class StorageTimeoutError(CheckpointError, TimeoutError):
+    """Storage (an object store, a network filesystem) did not answer in time."""

@@ -7,14 +7,6 @@ and a save that crashed before its marker.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
 
 import jax
 import numpy as np
@@ -28,67 +20,23 @@ from dcheckpoint._cli import main
 from dcheckpoint._metadata import METADATA_FILE
 from dcheckpoint._storage import ObjectStorage, open_storage
 from dcheckpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
+from tests.moto_util import environment, make_bucket, moto_server
 from tests.mp_util import REPO_ROOT, results, run_launch
 
 WORKER = REPO_ROOT / "tests" / "workers" / "s3_worker.py"
-_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_REGION": "us-east-1",
-}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_serving(endpoint: str, server: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"moto server exited with {server.returncode}")
-        try:
-            urllib.request.urlopen(endpoint, timeout=2).close()
-            return
-        except (urllib.error.URLError, ConnectionError):
-            time.sleep(0.2)
-    raise RuntimeError(f"moto server at {endpoint} did not answer within 60 s")
 
 
 @pytest.fixture(scope="module")
 def endpoint():
     """A moto S3 server; its endpoint and dummy credentials are put in the environment,
     where the library (and the mpiexec workers, which inherit it) read them."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in [*_ENV, "DCHECKPOINT_S3_ENDPOINT"]}
-    try:
-        _wait_until_serving(url, server)
-        os.environ.update(_ENV, DCHECKPOINT_S3_ENDPOINT=url)
+    with moto_server() as (url, _), environment(url):
         yield url
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.fixture
 def bucket(endpoint):
-    """A fresh bucket, created with a plain HTTP PUT (no AWS SDK needed)."""
-    name = f"ckpt-{uuid.uuid4().hex[:12]}"
-    request = urllib.request.Request(f"{endpoint}/{name}", method="PUT")
-    urllib.request.urlopen(request, timeout=30).close()
-    return f"s3://{name}"
+    return make_bucket(endpoint)
 
 
 def _sharded(mesh, spec, values):
