@@ -9,6 +9,8 @@ what has no object yet (deferred restoration) and recording both in the load sta
 from __future__ import annotations
 
 import functools
+import os
+import time
 import urllib.parse
 
 import jax
@@ -17,18 +19,25 @@ import numpy as np
 
 from dcheckpoint import _engine
 from dcheckpoint._async import Saver
+from dcheckpoint._comm import default_communicator
+from dcheckpoint._plan import is_key_array, python_type
+from dcheckpoint._state_file import CheckpointState, get_checkpoint_state, write_checkpoint_state
 from dcheckpoint._status import CheckpointLoadStatus, InitializationOnlyStatus, MatchState
 from dcheckpoint._tracking import (
+    ARRAY_KINDS,
     LEAF_KINDS,
     AutoTrackable,
     check_graph,
     children,
     classify,
+    decode_state,
     escape,
     flatten,
+    get_inner,
     join,
     leaf_paths,
     pytree_children,
+    set_inner,
 )
 from dcheckpoint._variable import Variable
 from dcheckpoint.errors import CheckpointMismatchError, CorruptCheckpointError
@@ -90,6 +99,11 @@ class _Restorer:
         prefetched = _engine.restore_arrays(self._directory, wanted, metadata=self._metadata)
         return walk(self.fork(prefetched=prefetched))
 
+    def graph_values(self) -> frozenset[str]:
+        """Paths of the values stored in the graph itself (strings, None, process states)."""
+        return frozenset(p for p, n in self._nodes.items()
+                         if n["kind"] in ("value", "process_state"))
+
     def node(self, ckpt_path: str) -> dict | None:
         """The checkpoint's node at ``ckpt_path``, following aliases; ``None`` if absent."""
         return self._nodes.get(self._aliases.get(ckpt_path, ckpt_path))
@@ -98,7 +112,7 @@ class _Restorer:
         """Restores ``value`` from ``ckpt_path``; returns what its parent should now hold."""
         ckpt_path = self._aliases.get(ckpt_path, ckpt_path)
         kind = classify(value)
-        if kind is None:
+        if kind is None or kind == "empty":
             return value
         if id(value) in self._memo:
             return self._memo[id(value)]
@@ -118,7 +132,18 @@ class _Restorer:
         return new
 
     def _restore_leaf(self, value, kind, node, ckpt_path, cur_path):
-        if node["kind"] not in LEAF_KINDS:
+        if kind == "process_state" or node["kind"] == "process_state":
+            return self._restore_process_state(value, kind, node, ckpt_path, cur_path)
+        if node["kind"] == "value":
+            if kind != "value":
+                raise CheckpointMismatchError(
+                    f"{cur_path!r}: expected an array in the checkpoint at {ckpt_path!r}, "
+                    f"found the value {node['value']!r}"
+                )
+            if self._collect is None:
+                self._state.consumed.add(ckpt_path)
+            return node["value"]
+        if node["kind"] not in ARRAY_KINDS:
             raise CheckpointMismatchError(
                 f"{cur_path!r}: expected an array in the checkpoint at {ckpt_path!r}, "
                 f"found a {node['kind']} node"
@@ -129,16 +154,8 @@ class _Restorer:
                 f"{self._directory}: {ckpt_path!r} is in the object graph but no array "
                 f"is stored for it"
             )
-        shape, dtype = tuple(value.shape), np.dtype(value.dtype)
-        if tuple(meta.shape) != shape or np.dtype(meta.dtype) != dtype:
-            raise CheckpointMismatchError(
-                f"{cur_path!r}: the object has shape {shape} dtype {dtype}, the checkpoint "
-                f"holds shape {tuple(meta.shape)} dtype {np.dtype(meta.dtype)} at {ckpt_path!r}"
-            )
-        if isinstance(value, Variable | jax.Array):
-            target = value.sharding
-        else:
-            target = self._host_target
+        inner = get_inner(value) if kind == "variable" else value
+        target, convert = _leaf_target(inner, meta, ckpt_path, cur_path, self._host_target)
         if self._collect is not None:
             # setdefault: a second object restored from the same path (a shared object
             # that is no longer shared) must not take the first one's target.
@@ -150,11 +167,29 @@ class _Restorer:
                 self._directory, {ckpt_path: target}, metadata=self._metadata
             )[ckpt_path]
         self._state.consumed.add(ckpt_path)
-        if kind == "variable":
-            return value.assign(array)
-        if isinstance(value, np.generic) and isinstance(array, np.ndarray):
-            return array[()]
-        return array
+        array = convert(array)
+        return set_inner(value, array) if kind == "variable" else array
+
+    def _restore_process_state(self, value, kind, node, ckpt_path, cur_path):
+        """Gives this process its own saved ``get_state()`` through ``set_state``."""
+        if kind != node["kind"]:
+            raise CheckpointMismatchError(
+                f"{cur_path!r}: the checkpoint holds a {node['kind']} at {ckpt_path!r}, the "
+                f"object is a {type(value).__name__} ({kind})"
+            )
+        states, count = node["states"], jax.process_count()
+        if len(states) != count:
+            raise CheckpointMismatchError(
+                f"{cur_path!r}: per-process state saved by {len(states)} processes cannot "
+                f"be restored by {count}: each process resumes its own position. Restore "
+                f"with a Checkpoint that does not hold this object (its iterator then "
+                f"starts afresh) and call expect_partial() on the status"
+            )
+        state = decode_state(ckpt_path, states[jax.process_index()])
+        if self._collect is None:
+            value.set_state(state)
+            self._state.consumed.add(ckpt_path)
+        return value
 
     def _restore_container(self, value, kind, node, ckpt_path, cur_path):
         if node["kind"] in LEAF_KINDS:
@@ -177,6 +212,8 @@ class _Restorer:
         for i, new in changed:
             if kind == "trackable":
                 object.__setattr__(value, items[i][0], new)
+            elif kind == "object":
+                setattr(value, items[i][0], new)  # an nnx module: its own __setattr__
             elif kind == "dict":
                 value[keys[i]] = new
             else:
@@ -218,12 +255,104 @@ class _Restorer:
         return self.batched(lambda walker: walker.restore(value, ckpt_path, cur_path))
 
 
+def _leaf_target(value, meta, ckpt_path: str, cur_path: str, host_target):
+    """Where an array leaf is read to, and how the read value becomes the new leaf.
+
+    ``value`` is the current object (a Variable's inner value for variables). Arrays
+    keep their shape, dtype and sharding (a jax.Array's own; numpy leaves go to
+    ``host_target``); Python scalars and strings become whatever the checkpoint holds
+    there, read onto the host; a 0-d array receives a saved Python scalar cast to its
+    own dtype when the cast is exact (a TrainState's step: an int, or an int32 array).
+
+    Returns:
+      ``(engine target, convert)``: ``convert(read value)`` is the restored leaf.
+
+    Raises:
+      CheckpointMismatchError: shape, dtype or PRNG key implementation differ.
+    """
+    def mismatch(found: str) -> CheckpointMismatchError:
+        return CheckpointMismatchError(
+            f"{cur_path!r}: the object has {found}, the checkpoint holds "
+            f"{_describe_saved(meta)} at {ckpt_path!r}"
+        )
+
+    if python_type(value) is not None or value is None or isinstance(value, str):
+        if meta.python_type is None and meta.shape != ():
+            raise mismatch(f"the Python value {value!r} (a scalar)")
+        return None, _to_python(type(value), meta)
+    shape = tuple(value.shape)
+    if is_key_array(value) or meta.key_impl is not None:
+        impl = str(jax.random.key_impl(value)) if is_key_array(value) else None
+        data = jax.eval_shape(jax.random.key_data, value) if impl else value
+        if impl != meta.key_impl or tuple(data.shape) != meta.shape:
+            raise mismatch(f"shape {shape} dtype {value.dtype}")
+        return _array_target(value, host_target), lambda a: a
+    dtype = np.dtype(value.dtype)
+    if meta.python_type not in (None, "bytes") and shape == ():
+        return None, functools.partial(_cast_scalar, value, mismatch)
+    if tuple(meta.shape) != shape or meta.dtype != dtype:
+        raise mismatch(f"shape {shape} dtype {dtype}")
+    if isinstance(value, np.generic):
+        return None, lambda a: np.asarray(a)[()]
+    return _array_target(value, host_target), lambda a: a
+
+
+def _array_target(value, host_target):
+    return value.sharding if isinstance(value, jax.Array) else host_target
+
+
+def _to_python(current: type, meta):
+    """Converts a read value for a Python-scalar object: the saved Python type wins."""
+    def convert(array):
+        if meta.python_type is not None or current in (type(None), str, bytes):
+            return array  # finish_read made it the saved Python type (or it is an array)
+        return np.asarray(array).item()
+    return convert
+
+
+def _cast_scalar(value, mismatch, saved):
+    """A saved Python scalar placed as the 0-d array ``value`` is, if exactly equal."""
+    dtype = np.dtype(value.dtype)
+    cast = np.asarray(saved, dtype=dtype)
+    rounded = isinstance(saved, float) and np.issubdtype(dtype, np.floating)
+    if not rounded and cast.item() != saved:  # a float rounds; an int must fit exactly
+        raise mismatch(f"dtype {np.dtype(value.dtype)}, which cannot hold {saved!r}")
+    if isinstance(value, jax.Array):
+        return jax.device_put(cast, value.sharding)
+    return cast[()] if isinstance(value, np.generic) else cast
+
+
+def _describe_saved(meta) -> str:
+    if meta.key_impl is not None:
+        return f"{meta.key_impl} PRNG key data of shape {tuple(meta.shape)}"
+    if meta.python_type is not None:
+        return f"a Python {meta.python_type}"
+    return f"shape {tuple(meta.shape)} dtype {meta.dtype}"
+
+
+def _record_latest(save_path: str) -> None:
+    """(coordinator) Makes ``save_path`` the directory's latest checkpoint, as TF's
+    ``Checkpoint.save`` does: the state file then lists that checkpoint alone."""
+    if not default_communicator().is_coordinator:
+        return
+    save_path = os.fspath(save_path)
+    directory = os.path.dirname(save_path) or os.curdir
+    previous = get_checkpoint_state(directory)
+    now = time.time()
+    write_checkpoint_state(directory, CheckpointState(
+        model_checkpoint_path=save_path,
+        all_model_checkpoint_paths=(save_path,),
+        all_model_checkpoint_timestamps=(now,),
+        last_preserved_timestamp=previous.last_preserved_timestamp if previous else now,
+    ))
+
+
 def _root_children(root) -> dict[str, object]:
     """The top-level children ``root`` gives a Checkpoint, checked; ``{}`` for no root."""
     if root is None:
         return {}
     kind = classify(root)
-    if kind not in ("trackable", "dict", "list"):
+    if kind not in ("trackable", "object", "dict", "list"):
         # A leaf root has no children to save, and an immutable pytree root cannot have
         # its rebuilt children assigned back on restore.
         raise ValueError(
@@ -317,12 +446,19 @@ class Checkpoint(AutoTrackable):
     def save(self, file_prefix: str, options=None) -> str:
         """Increments ``save_counter`` and writes ``f"{file_prefix}-{save_counter}"``.
 
+        Once committed, the checkpoint is recorded as the latest in the directory's
+        state file (``checkpoint``, written by the coordinator), so
+        ``latest_checkpoint(dirname(file_prefix))`` finds it, as TF's ``save`` does. No
+        retention: older checkpoints stay on disk and leave the state file's list
+        (use a ``CheckpointManager`` to keep a list and delete old ones).
+
         Returns:
           The checkpoint path, to pass to ``restore``.
         """
         counter = self.save_counter
         counter.assign(np.asarray(counter.value) + 1)
-        return self.write(f"{file_prefix}-{int(np.asarray(counter.value))}", options)
+        path = f"{file_prefix}-{int(np.asarray(counter.value))}"
+        return self.write(path, options, on_commit=_record_latest)
 
     def write(self, file_prefix: str, options=None, *, on_commit=None) -> str:
         """Writes one checkpoint at exactly ``file_prefix``; ``save_counter`` is untouched.
@@ -368,8 +504,9 @@ class Checkpoint(AutoTrackable):
         """
         del options
         metadata = _engine.read_metadata(save_path)
-        state = MatchState(checkpoint_paths=frozenset(metadata.arrays), save_path=str(save_path))
+        state = MatchState(checkpoint_paths=frozenset(), save_path=str(save_path))
         source = _Restorer(save_path, metadata, state, self._dc_host_target())
+        state.checkpoint_paths = frozenset(metadata.arrays) | source.graph_values()
         top, root = self._dc_top(), source.node("")
         restored = source.batched(lambda walker: walker.restore_children(top, root, "", ""))
         for (name, old), new in zip(top, restored, strict=True):
@@ -388,8 +525,10 @@ class Checkpoint(AutoTrackable):
             self._dc_root[key] = value
         elif isinstance(self._dc_root, list):
             self._dc_root[int(name)] = value
-        else:
+        elif isinstance(self._dc_root, AutoTrackable):
             object.__setattr__(self._dc_root, name, value)
+        else:
+            setattr(self._dc_root, name, value)  # an nnx module
 
     def sync(self) -> None:
         """Waits for an async save in flight; raises its error if it failed."""
