@@ -286,7 +286,7 @@ def _leaf_target(value, meta, ckpt_path: str, cur_path: str, host_target):
         data = jax.eval_shape(jax.random.key_data, value) if impl else value
         if impl != meta.key_impl or tuple(data.shape) != meta.shape:
             raise mismatch(f"shape {shape} dtype {value.dtype}")
-        return _array_target(value, host_target), lambda a: a
+        return _array_target(value, host_target), _placed_like(value)
     dtype = np.dtype(value.dtype)
     if meta.python_type not in (None, "bytes") and shape == ():
         return None, functools.partial(_cast_scalar, value, mismatch)
@@ -294,11 +294,26 @@ def _leaf_target(value, meta, ckpt_path: str, cur_path: str, host_target):
         raise mismatch(f"shape {shape} dtype {dtype}")
     if isinstance(value, np.generic):
         return None, lambda a: np.asarray(a)[()]
-    return _array_target(value, host_target), lambda a: a
+    return _array_target(value, host_target), _placed_like(value)
 
 
 def _array_target(value, host_target):
-    return value.sharding if isinstance(value, jax.Array) else host_target
+    """A jax.Array's own sharding; the host target for numpy values.
+
+    An uncommitted jax.Array (``jnp.zeros``, an optax count) is read to the host and
+    comes back uncommitted (see ``_uncommitted``), so jit may still move it next to
+    the sharded arrays it meets, as it could before the restore.
+    """
+    if isinstance(value, jax.Array):
+        return value.sharding if value.committed else None
+    return host_target
+
+
+def _placed_like(value):
+    """Converts a read value to the placement kind of ``value``: uncommitted stays so."""
+    if isinstance(value, jax.Array) and not value.committed:
+        return lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a)
+    return lambda a: a
 
 
 def _to_python(current: type, meta):
@@ -318,7 +333,7 @@ def _cast_scalar(value, mismatch, saved):
     if not rounded and cast.item() != saved:  # a float rounds; an int must fit exactly
         raise mismatch(f"dtype {np.dtype(value.dtype)}, which cannot hold {saved!r}")
     if isinstance(value, jax.Array):
-        return jax.device_put(cast, value.sharding)
+        return jax.device_put(cast, value.sharding) if value.committed else jnp.asarray(cast)
     return cast[()] if isinstance(value, np.generic) else cast
 
 
