@@ -34,6 +34,7 @@ from dcheckpoint._tracking import (
     escape,
     flatten,
     get_inner,
+    has_identity,
     join,
     leaf_paths,
     pytree_children,
@@ -114,7 +115,7 @@ class _Restorer:
         kind = classify(value)
         if kind is None or kind == "empty":
             return value
-        if id(value) in self._memo:
+        if has_identity(value) and id(value) in self._memo:
             return self._memo[id(value)]
         node = self._nodes.get(ckpt_path)
         if node is None:
@@ -127,8 +128,9 @@ class _Restorer:
                 # Updated in place, so it is its own result: a cycle back to it stops here.
                 self._memo[id(value)] = value
             new = self._restore_container(value, kind, node, ckpt_path, cur_path)
-        self._memo[id(value)] = new
-        self._keep.append(value)
+        if has_identity(value):
+            self._memo[id(value)] = new
+            self._keep.append(value)
         return new
 
     def _restore_leaf(self, value, kind, node, ckpt_path, cur_path):
@@ -157,18 +159,25 @@ class _Restorer:
         inner = get_inner(value) if kind == "variable" else value
         target, convert = _leaf_target(inner, meta, ckpt_path, cur_path, self._host_target)
         if self._collect is not None:
+            if isinstance(convert, functools.partial):
+                # A saved scalar cast into an array: check the cast now, so that a
+                # refusal comes before anything is assigned (one tiny read).
+                convert(self._read(ckpt_path, None))
             # setdefault: a second object restored from the same path (a shared object
             # that is no longer shared) must not take the first one's target.
             self._collect.setdefault(ckpt_path, target)
             return value
         array = self._prefetched.pop(ckpt_path, None)  # pop: no reference kept alive
         if array is None:
-            array = _engine.restore_arrays(
-                self._directory, {ckpt_path: target}, metadata=self._metadata
-            )[ckpt_path]
+            array = self._read(ckpt_path, target)
         self._state.consumed.add(ckpt_path)
         array = convert(array)
         return set_inner(value, array) if kind == "variable" else array
+
+    def _read(self, ckpt_path: str, target):
+        return _engine.restore_arrays(
+            self._directory, {ckpt_path: target}, metadata=self._metadata
+        )[ckpt_path]
 
     def _restore_process_state(self, value, kind, node, ckpt_path, cur_path):
         """Gives this process its own saved ``get_state()`` through ``set_state``."""
@@ -328,7 +337,10 @@ def _to_python(current: type, meta):
 def _cast_scalar(value, mismatch, saved):
     """A saved Python scalar placed as the 0-d array ``value`` is, if exactly equal."""
     dtype = np.dtype(value.dtype)
-    cast = np.asarray(saved, dtype=dtype)
+    try:
+        cast = np.asarray(saved, dtype=dtype)
+    except (OverflowError, ValueError, TypeError):
+        raise mismatch(f"dtype {dtype}, which cannot hold {saved!r}") from None
     rounded = isinstance(saved, float) and np.issubdtype(dtype, np.floating)
     if not rounded and cast.item() != saved:  # a float rounds; an int must fit exactly
         raise mismatch(f"dtype {np.dtype(value.dtype)}, which cannot hold {saved!r}")

@@ -186,13 +186,12 @@ def _plan_jax_array(path: str, value: jax.Array) -> tuple[ArrayMetadata, list[Wr
 
 def _plan_host_value(path: str, value: Any, is_coordinator: bool):
     kind = python_type(value)
-    try:
-        array = np.frombuffer(value, np.uint8) if kind == "bytes" else np.asarray(value)
-    except OverflowError:
+    array = np.frombuffer(value, np.uint8) if kind == "bytes" else np.asarray(value)
+    if kind == "int" and array.dtype == object:
         raise ValueError(
             f"Array {path!r}: the Python int {value} does not fit in 64 bits; save it as a "
             "string or split it"
-        ) from None
+        )
     meta = _array_metadata(path, array.shape, array.dtype, array.shape, None)
     if kind is not None:
         # The coordinator writes it once, as any host value; the type is in the metadata.

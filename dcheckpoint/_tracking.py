@@ -54,6 +54,7 @@ __all__ = [
     "decode_state",
     "encode_state",
     "get_inner",
+    "has_identity",
     "set_inner",
     "escape",
     "flatten",
@@ -131,6 +132,16 @@ def classify(value) -> str | None:
     if jax.tree_util.treedef_is_leaf(treedef):
         return None
     return "pytree"
+
+
+def has_identity(value) -> bool:
+    """Whether two paths reaching ``value`` share one object (saved once, as an alias).
+
+    Python scalars, strings, None and numpy scalars are values: CPython shares small
+    ints and strings between unrelated places, which must not make them aliases.
+    """
+    return not (value is None or python_type(value) is not None
+                or isinstance(value, str | np.generic))
 
 
 def get_inner(variable):
@@ -246,16 +257,17 @@ def _walk(top: list[tuple[str, object]]) -> Iterator[tuple[str, str, object, str
         if kind is None:
             if strict:
                 raise CheckpointMismatchError(
-                    f"{path!r}: a {type(value).__name__} cannot be saved; a checkpoint holds "
+                    f"{path!r}: a value of type {type(value).__name__} cannot be saved; it holds "
                     "arrays, Variables, Python scalars, strings, bytes, None, containers of "
                     "them and objects with get_state()/set_state(). Remove it from the "
                     "saved state, or keep it as an attribute of an AutoTrackable (skipped)"
                 )
             continue
-        if id(value) in seen:
-            yield path, kind, value, seen[id(value)]
-            continue
-        seen[id(value)] = path
+        if has_identity(value):
+            if id(value) in seen:
+                yield path, kind, value, seen[id(value)]
+                continue
+            seen[id(value)] = path
         keep.append(value)
         yield path, kind, value, None
         strict_children = kind != "trackable"
