@@ -137,7 +137,7 @@ class _Restorer:
         if kind == "process_state" or node["kind"] == "process_state":
             return self._restore_process_state(value, kind, node, ckpt_path, cur_path)
         if node["kind"] == "value":
-            if kind != "value":
+            if kind != "value" and python_type(value) is None:
                 raise CheckpointMismatchError(
                     f"{cur_path!r}: expected an array in the checkpoint at {ckpt_path!r}, "
                     f"found the value {node['value']!r}"
@@ -286,7 +286,9 @@ def _leaf_target(value, meta, ckpt_path: str, cur_path: str, host_target):
         )
 
     if python_type(value) is not None or value is None or isinstance(value, str):
-        if meta.python_type is None and meta.shape != ():
+        # None takes whatever was saved (an attribute initialised to None); a scalar or
+        # string takes a scalar: a whole array in its place is another model.
+        if value is not None and meta.python_type is None and meta.shape != ():
             raise mismatch(f"the Python value {value!r} (a scalar)")
         return None, _to_python(type(value), meta)
     shape = tuple(value.shape)

@@ -259,3 +259,36 @@ def test_tf_resume_loop_across_two_processes(tmp_path):
     assert runs[0] == {"path": str(tmp_path / "run" / "ckpt-2"), "step": 2, "w": [2.0] * 4}
     # The second process resumed: numbering, Python state and arrays all continue.
     assert runs[1] == {"path": str(tmp_path / "run" / "ckpt-4"), "step": 4, "w": [4.0] * 4}
+
+
+def test_none_attribute_takes_the_saved_value_and_scalars_refuse_arrays(tmp_path):
+    path = Checkpoint(s={"w": np.arange(3.0), "n": None, "k": 4}).write(str(tmp_path / "c"))
+    target = {"w": None, "n": 5, "k": None}  # None, or a scalar where None was saved
+    Checkpoint(s=target).read(path).assert_consumed()
+    np.testing.assert_array_equal(target["w"], np.arange(3.0))
+    assert target["n"] is None and target["k"] == 4 and type(target["k"]) is int
+    with pytest.raises(CheckpointMismatchError, match=r"'s/w': the object has the Python "
+                                                      r"value 0 \(a scalar\).*shape \(3,\)"):
+        Checkpoint(s={"w": 0, "n": None, "k": 0}).read(path)
+
+
+def test_crafted_process_state_is_refused(tmp_path):
+    from dcheckpoint._tracking import decode_state
+
+    with pytest.raises(CorruptCheckpointError, match="malformed per-process state"):
+        decode_state("it", {"bytes": "not base64!"})
+    with pytest.raises(CorruptCheckpointError, match="malformed per-process state"):
+        decode_state("it", {"pickle": "x"})
+    assert decode_state("it", {"bytes": "YWI="}) == b"ab"
+
+
+def test_variable_holding_keys_restores_in_place(tmp_path):
+    mesh = jax.make_mesh((4, 2), ("x", "y"))
+    keys = jax.device_put(jax.random.split(jax.random.key(5), 4), NamedSharding(mesh, P("x")))
+    path = Checkpoint(v=Variable(keys)).write(str(tmp_path / "c"))
+    target = Variable(jax.device_put(jax.random.split(jax.random.key(0), 4),
+                                     NamedSharding(jax.make_mesh((2, 4), ("x", "y")), P("y"))))
+    sharding = target.sharding
+    Checkpoint(v=target).read(path).assert_consumed()
+    assert target.sharding == sharding
+    np.testing.assert_array_equal(jax.random.key_data(target.value), jax.random.key_data(keys))
