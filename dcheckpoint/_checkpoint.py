@@ -20,7 +20,8 @@ import numpy as np
 from dcheckpoint import _engine
 from dcheckpoint._async import Saver
 from dcheckpoint._comm import default_communicator
-from dcheckpoint._plan import is_key_array, python_type
+from dcheckpoint._leaf import leaf_target
+from dcheckpoint._plan import python_type
 from dcheckpoint._state_file import CheckpointState, get_checkpoint_state, write_checkpoint_state
 from dcheckpoint._status import CheckpointLoadStatus, InitializationOnlyStatus, MatchState
 from dcheckpoint._tracking import (
@@ -41,7 +42,7 @@ from dcheckpoint._tracking import (
     set_inner,
 )
 from dcheckpoint._variable import Variable
-from dcheckpoint.errors import CheckpointMismatchError, CorruptCheckpointError
+from dcheckpoint.errors import CheckpointError, CheckpointMismatchError, CorruptCheckpointError
 
 __all__ = ["Checkpoint"]
 
@@ -157,9 +158,11 @@ class _Restorer:
                 f"is stored for it"
             )
         inner = get_inner(value) if kind == "variable" else value
-        target, convert = _leaf_target(inner, meta, ckpt_path, cur_path, self._host_target)
+        target, convert, check_early = leaf_target(
+            inner, meta, ckpt_path, cur_path, self._host_target
+        )
         if self._collect is not None:
-            if isinstance(convert, functools.partial):
+            if check_early:
                 # A saved scalar cast into an array: check the cast now, so that a
                 # refusal comes before anything is assigned (one tiny read).
                 convert(self._read(ckpt_path, None))
@@ -264,101 +267,6 @@ class _Restorer:
         return self.batched(lambda walker: walker.restore(value, ckpt_path, cur_path))
 
 
-def _leaf_target(value, meta, ckpt_path: str, cur_path: str, host_target):
-    """Where an array leaf is read to, and how the read value becomes the new leaf.
-
-    ``value`` is the current object (a Variable's inner value for variables). Arrays
-    keep their shape, dtype and sharding (a jax.Array's own; numpy leaves go to
-    ``host_target``); Python scalars and strings become whatever the checkpoint holds
-    there, read onto the host; a 0-d array receives a saved Python scalar cast to its
-    own dtype when the cast is exact (a TrainState's step: an int, or an int32 array).
-
-    Returns:
-      ``(engine target, convert)``: ``convert(read value)`` is the restored leaf.
-
-    Raises:
-      CheckpointMismatchError: shape, dtype or PRNG key implementation differ.
-    """
-    def mismatch(found: str) -> CheckpointMismatchError:
-        return CheckpointMismatchError(
-            f"{cur_path!r}: the object has {found}, the checkpoint holds "
-            f"{_describe_saved(meta)} at {ckpt_path!r}"
-        )
-
-    if python_type(value) is not None or value is None or isinstance(value, str):
-        # None takes whatever was saved (an attribute initialised to None); a scalar or
-        # string takes a scalar: a whole array in its place is another model.
-        if value is not None and meta.python_type is None and meta.shape != ():
-            raise mismatch(f"the Python value {value!r} (a scalar)")
-        return None, _to_python(type(value), meta)
-    shape = tuple(value.shape)
-    if is_key_array(value) or meta.key_impl is not None:
-        impl = str(jax.random.key_impl(value)) if is_key_array(value) else None
-        data = jax.eval_shape(jax.random.key_data, value) if impl else value
-        if impl != meta.key_impl or tuple(data.shape) != meta.shape:
-            raise mismatch(f"shape {shape} dtype {value.dtype}")
-        return _array_target(value, host_target), _placed_like(value)
-    dtype = np.dtype(value.dtype)
-    if meta.python_type not in (None, "bytes") and shape == ():
-        return None, functools.partial(_cast_scalar, value, mismatch)
-    if tuple(meta.shape) != shape or meta.dtype != dtype:
-        raise mismatch(f"shape {shape} dtype {dtype}")
-    if isinstance(value, np.generic):
-        return None, lambda a: np.asarray(a)[()]
-    return _array_target(value, host_target), _placed_like(value)
-
-
-def _array_target(value, host_target):
-    """A jax.Array's own sharding; the host target for numpy values.
-
-    An uncommitted jax.Array (``jnp.zeros``, an optax count) is read to the host and
-    comes back uncommitted (see ``_uncommitted``), so jit may still move it next to
-    the sharded arrays it meets, as it could before the restore.
-    """
-    if isinstance(value, jax.Array):
-        return value.sharding if value.committed else None
-    return host_target
-
-
-def _placed_like(value):
-    """Converts a read value to the placement kind of ``value``: uncommitted stays so."""
-    if isinstance(value, jax.Array) and not value.committed:
-        return lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a)
-    return lambda a: a
-
-
-def _to_python(current: type, meta):
-    """Converts a read value for a Python-scalar object: the saved Python type wins."""
-    def convert(array):
-        if meta.python_type is not None or current in (type(None), str, bytes):
-            return array  # finish_read made it the saved Python type (or it is an array)
-        return np.asarray(array).item()
-    return convert
-
-
-def _cast_scalar(value, mismatch, saved):
-    """A saved Python scalar placed as the 0-d array ``value`` is, if exactly equal."""
-    dtype = np.dtype(value.dtype)
-    try:
-        cast = np.asarray(saved, dtype=dtype)
-    except (OverflowError, ValueError, TypeError):
-        raise mismatch(f"dtype {dtype}, which cannot hold {saved!r}") from None
-    rounded = isinstance(saved, float) and np.issubdtype(dtype, np.floating)
-    if not rounded and cast.item() != saved:  # a float rounds; an int must fit exactly
-        raise mismatch(f"dtype {np.dtype(value.dtype)}, which cannot hold {saved!r}")
-    if isinstance(value, jax.Array):
-        return jax.device_put(cast, value.sharding) if value.committed else jnp.asarray(cast)
-    return cast[()] if isinstance(value, np.generic) else cast
-
-
-def _describe_saved(meta) -> str:
-    if meta.key_impl is not None:
-        return f"{meta.key_impl} PRNG key data of shape {tuple(meta.shape)}"
-    if meta.python_type is not None:
-        return f"a Python {meta.python_type}"
-    return f"shape {tuple(meta.shape)} dtype {meta.dtype}"
-
-
 def _record_latest(save_path: str) -> None:
     """(coordinator) Makes ``save_path`` the directory's latest checkpoint, as TF's
     ``Checkpoint.save`` does: the state file then lists that checkpoint alone."""
@@ -366,14 +274,20 @@ def _record_latest(save_path: str) -> None:
         return
     save_path = os.fspath(save_path)
     directory = os.path.dirname(save_path) or os.curdir
-    previous = get_checkpoint_state(directory)
-    now = time.time()
-    write_checkpoint_state(directory, CheckpointState(
-        model_checkpoint_path=save_path,
-        all_model_checkpoint_paths=(save_path,),
-        all_model_checkpoint_timestamps=(now,),
-        last_preserved_timestamp=previous.last_preserved_timestamp if previous else now,
-    ))
+    try:
+        previous = get_checkpoint_state(directory)
+        now = time.time()
+        write_checkpoint_state(directory, CheckpointState(
+            model_checkpoint_path=save_path,
+            all_model_checkpoint_paths=(save_path,),
+            all_model_checkpoint_timestamps=(now,),
+            last_preserved_timestamp=previous.last_preserved_timestamp if previous else now,
+        ))
+    except (OSError, CorruptCheckpointError) as e:
+        raise CheckpointError(
+            f"Checkpoint {save_path!r} is committed and restorable, but recording it in "
+            f"the state file of {directory!r} failed: {e}"
+        ) from e
 
 
 def _root_children(root) -> dict[str, object]:
