@@ -285,7 +285,7 @@ def _target_spec(target: Any):
         return target.sharding, target.shape, target.dtype
     if isinstance(target, jax.ShapeDtypeStruct):
         return target.sharding, target.shape, target.dtype
-    if isinstance(target, np.ndarray):
+    if isinstance(target, np.ndarray | np.generic):
         return None, target.shape, target.dtype
     raise TypeError(
         "A restore target must be a jax.sharding.Sharding, jax.ShapeDtypeStruct, "

@@ -87,3 +87,18 @@ def test_async_save_records_the_position_at_save_time(tmp_path):
     fresh = _dataset_iter()
     Checkpoint(batches=fresh).restore(path).assert_consumed()
     np.testing.assert_array_equal(np.asarray(next(fresh)), expected)
+
+
+def test_processes_that_disagree_on_per_process_objects_are_refused():
+    from dcheckpoint._plan import record_process_values
+    from dcheckpoint.errors import CoordinationError
+
+    graph = {"nodes": {"": {"kind": "trackable", "children": ["it"]},
+                       "it": {"kind": "process_state"}}, "aliases": {}}
+    reports = [{"process": 1, "values": {"it": {"json": 5}}},
+               {"process": 0, "values": {"it": {"bytes": "YQ=="}}}]
+    merged = record_process_values(graph, reports)
+    assert merged["nodes"]["it"]["states"] == [{"bytes": "YQ=="}, {"json": 5}]  # by process
+    assert "states" not in graph["nodes"]["it"]  # the caller's graph is not changed
+    with pytest.raises(CoordinationError, match=r"'it': processes \[1\] did not save it"):
+        record_process_values(graph, [reports[1], {"process": 1, "values": {}}])

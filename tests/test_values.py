@@ -99,6 +99,9 @@ def test_save_pytree_scalars_keep_their_type(tmp_path):
     as_array = restore_pytree(str(tmp_path / "t"), {"step": None, "lr": None, "done": None,
                                                     "w": None})
     assert as_array["step"] == 3 and type(as_array["step"]) is int  # host target: Python
+    scalar = restore_pytree(str(tmp_path / "t"), {"step": np.int64(0), "lr": None,
+                                                  "done": None, "w": None})
+    assert scalar["step"] == 3  # a numpy scalar target is accepted (host: the saved int)
 
 
 def test_checkpoint_written_scalar_readable_by_restore_pytree(tmp_path):
@@ -227,6 +230,11 @@ def test_save_records_latest_and_write_does_not(tmp_path):
     assert latest_checkpoint(tmp_path) == second == str(tmp_path / "ckpt-2")
     assert state.all_model_checkpoint_paths == (second,)  # as TF: no list, no retention
     assert (tmp_path / "ckpt-1").exists()  # nothing deleted
+    from dcheckpoint import CheckpointOptions
+
+    third = ckpt.save(str(tmp_path / "ckpt"), options=CheckpointOptions(enable_async=True))
+    ckpt.sync()  # recorded once the background commit is done
+    assert latest_checkpoint(tmp_path) == third == str(tmp_path / "ckpt-3")
 
 
 RESUME_SCRIPT = textwrap.dedent("""
