@@ -133,9 +133,14 @@ def _linen_state(seed: int, mesh=None):
 
 def _steps(state, n):
     apply_fn = state.apply_fn
+
+    @jax.jit
+    def grads_of(params):
+        return jax.grad(lambda p: jnp.mean(apply_fn(p, X) ** 2))(params)
+
     for _ in range(n):
-        grads = jax.grad(lambda p: jnp.mean(apply_fn(p, X) ** 2))(state.params)
-        state = state.apply_gradients(grads=grads)
+        # Eager apply_gradients keeps ``step`` a Python int, as in many training loops.
+        state = state.apply_gradients(grads=grads_of(state.params))
     return state
 
 
