@@ -186,6 +186,12 @@ def _plan_jax_array(path: str, value: jax.Array) -> tuple[ArrayMetadata, list[Wr
 
 def _plan_host_value(path: str, value: Any, is_coordinator: bool):
     kind = python_type(value)
+    if kind is None and not isinstance(value, np.ndarray | np.generic | jax.Array):
+        raise ValueError(
+            f"Array {path!r}: a {type(value).__name__} is not an array; arrays, Python "
+            "scalars, bytes and PRNG keys are stored as arrays (a Checkpoint also keeps "
+            "strings and None, in its object graph)"
+        )
     array = np.frombuffer(value, np.uint8) if kind == "bytes" else np.asarray(value)
     if kind == "int" and array.dtype == object:
         raise ValueError(

@@ -300,3 +300,9 @@ def test_variable_holding_keys_restores_in_place(tmp_path):
     Checkpoint(v=target).read(path).assert_consumed()
     assert target.sharding == sharding
     np.testing.assert_array_equal(jax.random.key_data(target.value), jax.random.key_data(keys))
+
+
+def test_save_pytree_refuses_a_string_leaf_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"'cfg/name': a str is not an array"):
+        save_pytree(str(tmp_path / "t"), {"cfg": {"name": "run"}, "w": np.ones(2)})
+    assert not (tmp_path / "t").exists()
