@@ -9,6 +9,8 @@ what has no object yet (deferred restoration) and recording both in the load sta
 from __future__ import annotations
 
 import functools
+import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,21 +18,30 @@ import numpy as np
 
 from dcheckpoint import _engine, _paths
 from dcheckpoint._async import Saver
+from dcheckpoint._comm import default_communicator
+from dcheckpoint._leaf import leaf_target
+from dcheckpoint._plan import python_type
+from dcheckpoint._state_file import CheckpointState, get_checkpoint_state, write_checkpoint_state
 from dcheckpoint._status import CheckpointLoadStatus, InitializationOnlyStatus, MatchState
 from dcheckpoint._tracking import (
+    ARRAY_KINDS,
     LEAF_KINDS,
     AutoTrackable,
     check_graph,
     children,
     classify,
+    decode_state,
     escape,
     flatten,
+    get_inner,
+    has_identity,
     join,
     leaf_paths,
     pytree_children,
+    set_inner,
 )
 from dcheckpoint._variable import Variable
-from dcheckpoint.errors import CheckpointMismatchError, CorruptCheckpointError
+from dcheckpoint.errors import CheckpointError, CheckpointMismatchError, CorruptCheckpointError
 
 __all__ = ["Checkpoint"]
 
@@ -89,6 +100,11 @@ class _Restorer:
         prefetched = _engine.restore_arrays(self._directory, wanted, metadata=self._metadata)
         return walk(self.fork(prefetched=prefetched))
 
+    def graph_values(self) -> frozenset[str]:
+        """Paths of the values stored in the graph itself (strings, None, process states)."""
+        return frozenset(p for p, n in self._nodes.items()
+                         if n["kind"] in ("value", "process_state"))
+
     def node(self, ckpt_path: str) -> dict | None:
         """The checkpoint's node at ``ckpt_path``, following aliases; ``None`` if absent."""
         return self._nodes.get(self._aliases.get(ckpt_path, ckpt_path))
@@ -97,9 +113,9 @@ class _Restorer:
         """Restores ``value`` from ``ckpt_path``; returns what its parent should now hold."""
         ckpt_path = self._aliases.get(ckpt_path, ckpt_path)
         kind = classify(value)
-        if kind is None:
+        if kind is None or kind == "empty":
             return value
-        if id(value) in self._memo:
+        if has_identity(value) and id(value) in self._memo:
             return self._memo[id(value)]
         node = self._nodes.get(ckpt_path)
         if node is None:
@@ -112,12 +128,24 @@ class _Restorer:
                 # Updated in place, so it is its own result: a cycle back to it stops here.
                 self._memo[id(value)] = value
             new = self._restore_container(value, kind, node, ckpt_path, cur_path)
-        self._memo[id(value)] = new
-        self._keep.append(value)
+        if has_identity(value):
+            self._memo[id(value)] = new
+            self._keep.append(value)
         return new
 
     def _restore_leaf(self, value, kind, node, ckpt_path, cur_path):
-        if node["kind"] not in LEAF_KINDS:
+        if kind == "process_state" or node["kind"] == "process_state":
+            return self._restore_process_state(value, kind, node, ckpt_path, cur_path)
+        if node["kind"] == "value":
+            if kind != "value" and python_type(value) is None:
+                raise CheckpointMismatchError(
+                    f"{cur_path!r}: expected an array in the checkpoint at {ckpt_path!r}, "
+                    f"found the value {node['value']!r}"
+                )
+            if self._collect is None:
+                self._state.consumed.add(ckpt_path)
+            return node["value"]
+        if node["kind"] not in ARRAY_KINDS:
             raise CheckpointMismatchError(
                 f"{cur_path!r}: expected an array in the checkpoint at {ckpt_path!r}, "
                 f"found a {node['kind']} node"
@@ -128,32 +156,51 @@ class _Restorer:
                 f"{self._directory}: {ckpt_path!r} is in the object graph but no array "
                 f"is stored for it"
             )
-        shape, dtype = tuple(value.shape), np.dtype(value.dtype)
-        if tuple(meta.shape) != shape or np.dtype(meta.dtype) != dtype:
-            raise CheckpointMismatchError(
-                f"{cur_path!r}: the object has shape {shape} dtype {dtype}, the checkpoint "
-                f"holds shape {tuple(meta.shape)} dtype {np.dtype(meta.dtype)} at {ckpt_path!r}"
-            )
-        if isinstance(value, Variable | jax.Array):
-            target = value.sharding
-        else:
-            target = self._host_target
+        inner = get_inner(value) if kind == "variable" else value
+        target, convert, check_early = leaf_target(
+            inner, meta, ckpt_path, cur_path, self._host_target
+        )
         if self._collect is not None:
+            if check_early:
+                # A saved scalar cast into an array: check the cast now, so that a
+                # refusal comes before anything is assigned (one tiny read).
+                convert(self._read(ckpt_path, None))
             # setdefault: a second object restored from the same path (a shared object
             # that is no longer shared) must not take the first one's target.
             self._collect.setdefault(ckpt_path, target)
             return value
         array = self._prefetched.pop(ckpt_path, None)  # pop: no reference kept alive
         if array is None:
-            array = _engine.restore_arrays(
-                self._directory, {ckpt_path: target}, metadata=self._metadata
-            )[ckpt_path]
+            array = self._read(ckpt_path, target)
         self._state.consumed.add(ckpt_path)
-        if kind == "variable":
-            return value.assign(array)
-        if isinstance(value, np.generic) and isinstance(array, np.ndarray):
-            return array[()]
-        return array
+        array = convert(array)
+        return set_inner(value, array) if kind == "variable" else array
+
+    def _read(self, ckpt_path: str, target):
+        return _engine.restore_arrays(
+            self._directory, {ckpt_path: target}, metadata=self._metadata
+        )[ckpt_path]
+
+    def _restore_process_state(self, value, kind, node, ckpt_path, cur_path):
+        """Gives this process its own saved ``get_state()`` through ``set_state``."""
+        if kind != node["kind"]:
+            raise CheckpointMismatchError(
+                f"{cur_path!r}: the checkpoint holds a {node['kind']} at {ckpt_path!r}, the "
+                f"object is a {type(value).__name__} ({kind})"
+            )
+        states, count = node["states"], jax.process_count()
+        if len(states) != count:
+            raise CheckpointMismatchError(
+                f"{cur_path!r}: per-process state saved by {len(states)} processes cannot "
+                f"be restored by {count}: each process resumes its own position. Restore "
+                f"with a Checkpoint that does not hold this object (its iterator then "
+                f"starts afresh) and call expect_partial() on the status"
+            )
+        state = decode_state(ckpt_path, states[jax.process_index()])
+        if self._collect is None:
+            value.set_state(state)
+            self._state.consumed.add(ckpt_path)
+        return value
 
     def _restore_container(self, value, kind, node, ckpt_path, cur_path):
         if node["kind"] in LEAF_KINDS:
@@ -176,6 +223,8 @@ class _Restorer:
         for i, new in changed:
             if kind == "trackable":
                 object.__setattr__(value, items[i][0], new)
+            elif kind == "object":
+                setattr(value, items[i][0], new)  # an nnx module: its own __setattr__
             elif kind == "dict":
                 value[keys[i]] = new
             else:
@@ -217,12 +266,35 @@ class _Restorer:
         return self.batched(lambda walker: walker.restore(value, ckpt_path, cur_path))
 
 
+def _record_latest(save_path: str) -> None:
+    """(coordinator) Makes ``save_path`` the directory's latest checkpoint, as TF's
+    ``Checkpoint.save`` does: the state file then lists that checkpoint alone."""
+    if not default_communicator().is_coordinator:
+        return
+    save_path = os.fspath(save_path)
+    directory = os.path.dirname(save_path) or os.curdir
+    try:
+        previous = get_checkpoint_state(directory)
+        now = time.time()
+        write_checkpoint_state(directory, CheckpointState(
+            model_checkpoint_path=save_path,
+            all_model_checkpoint_paths=(save_path,),
+            all_model_checkpoint_timestamps=(now,),
+            last_preserved_timestamp=previous.last_preserved_timestamp if previous else now,
+        ))
+    except (OSError, CorruptCheckpointError) as e:
+        raise CheckpointError(
+            f"Checkpoint {save_path!r} is committed and restorable, but recording it in "
+            f"the state file of {directory!r} failed: {e}"
+        ) from e
+
+
 def _root_children(root) -> dict[str, object]:
     """The top-level children ``root`` gives a Checkpoint, checked; ``{}`` for no root."""
     if root is None:
         return {}
     kind = classify(root)
-    if kind not in ("trackable", "dict", "list"):
+    if kind not in ("trackable", "object", "dict", "list"):
         # A leaf root has no children to save, and an immutable pytree root cannot have
         # its rebuilt children assigned back on restore.
         raise ValueError(
@@ -316,12 +388,19 @@ class Checkpoint(AutoTrackable):
     def save(self, file_prefix: str, options=None) -> str:
         """Increments ``save_counter`` and writes ``f"{file_prefix}-{save_counter}"``.
 
+        Once committed, the checkpoint is recorded as the latest in the directory's
+        state file (``checkpoint``, written by the coordinator), so
+        ``latest_checkpoint(dirname(file_prefix))`` finds it, as TF's ``save`` does. No
+        retention: older checkpoints stay on disk and leave the state file's list
+        (use a ``CheckpointManager`` to keep a list and delete old ones).
+
         Returns:
           The checkpoint path, to pass to ``restore``.
         """
         counter = self.save_counter
         counter.assign(np.asarray(counter.value) + 1)
-        return self.write(f"{file_prefix}-{int(np.asarray(counter.value))}", options)
+        path = f"{file_prefix}-{int(np.asarray(counter.value))}"
+        return self.write(path, options, on_commit=_record_latest)
 
     def write(self, file_prefix: str, options=None, *, on_commit=None) -> str:
         """Writes one checkpoint at exactly ``file_prefix``; ``save_counter`` is untouched.
@@ -367,8 +446,9 @@ class Checkpoint(AutoTrackable):
         """
         del options
         metadata = _engine.read_metadata(save_path)
-        state = MatchState(checkpoint_paths=frozenset(metadata.arrays), save_path=str(save_path))
+        state = MatchState(checkpoint_paths=frozenset(), save_path=str(save_path))
         source = _Restorer(save_path, metadata, state, self._dc_host_target())
+        state.checkpoint_paths = frozenset(metadata.arrays) | source.graph_values()
         top, root = self._dc_top(), source.node("")
         restored = source.batched(lambda walker: walker.restore_children(top, root, "", ""))
         for (name, old), new in zip(top, restored, strict=True):
@@ -387,8 +467,10 @@ class Checkpoint(AutoTrackable):
             self._dc_root[key] = value
         elif isinstance(self._dc_root, list):
             self._dc_root[int(name)] = value
-        else:
+        elif isinstance(self._dc_root, AutoTrackable):
             object.__setattr__(self._dc_root, name, value)
+        else:
+            setattr(self._dc_root, name, value)  # an nnx module
 
     def sync(self) -> None:
         """Waits for an async save in flight; raises its error if it failed."""

@@ -20,6 +20,7 @@ its own devices need, straight into arrays for those devices.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -45,7 +46,7 @@ from ._metadata import (
     encode_metadata,
 )
 from ._options import CheckpointOptions
-from ._plan import SavePlan, plan_read, plan_save
+from ._plan import SavePlan, finish_read, plan_read, plan_save, record_process_values
 from ._state_file import STATE_FILENAME, latest_checkpoint
 from ._storage import fsync_tree, open_storage
 from .errors import CheckpointError, CheckpointNotFoundError, CoordinationError
@@ -90,7 +91,7 @@ def snapshot(plan: SavePlan) -> SavePlan:
         type(item)(item.path, item.index, item.chunk, _host_snapshot(item.data))
         for item in plan.writes
     )
-    return SavePlan(arrays=plan.arrays, writes=writes)
+    return dataclasses.replace(plan, writes=writes)
 
 
 def _host_snapshot(data) -> np.ndarray:
@@ -129,7 +130,8 @@ def write_and_commit(
     staged = target.staging(save_id)
 
     # 2. (all) write owned chunks; 3. (all) report them to the coordinator.
-    manifest: dict[str, Any] = {"process": comm.process_index, "arrays": _table_digest(plan)}
+    manifest: dict[str, Any] = {"process": comm.process_index, "arrays": _table_digest(plan),
+                                "values": plan.process_values}
     try:
         manifest["chunks"] = _write_chunks(staged, plan, options.compression)
     except Exception as e:  # reported to every process through the coordinator
@@ -146,6 +148,7 @@ def write_and_commit(
         try:
             reports = [json.loads(m) for m in manifests]
             _check_manifests(plan, reports)
+            object_graph = record_process_values(object_graph, reports)
             _commit(target, staged, plan, object_graph, options.compression, comm)
             outcome = {"path": directory}
         except Exception as e:
@@ -330,7 +333,8 @@ def restore_arrays(
         jobs.extend((path, array, r) for r in reads if array is not None)
     parts = _read_windowed(jobs, metadata, directory)
     return {
-        path: _assemble(metadata.arrays[path], sharding, parts.get(path, []))
+        path: finish_read(metadata.arrays[path], sharding,
+                          _assemble(metadata.arrays[path], sharding, parts.get(path, [])))
         for path, (sharding, _) in plans.items()
     }
 

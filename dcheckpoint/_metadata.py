@@ -27,6 +27,8 @@ __all__ = [
     "encode_metadata",
     "decode_metadata",
     "SUPPORTED_DTYPES",
+    "PYTHON_TYPES",
+    "KEY_IMPLS",
 ]
 
 METADATA_FILE = "dcheckpoint.json"
@@ -38,11 +40,22 @@ MAX_METADATA_BYTES = 256 * 1024 * 1024
 _MAX_RANK = 32
 _MAX_ELEMENTS = 2**62
 
-# Zarr v3 data_type names (bfloat16 is TensorStore's extension), equal to numpy's names.
+# Zarr v3 data_type names, equal to numpy's names. The ml_dtypes types (bfloat16, the
+# float8s, float4_e2m1fn, int4, int2) are TensorStore's extensions; uint4 and uint2 are
+# not among them (TensorStore 0.1.86 refuses them), so they cannot be saved.
+_ML_DTYPES = (
+    "bfloat16 float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz "
+    "float8_e4m3b11fnuz float8_e3m4 float8_e8m0fnu float4_e2m1fn int4 int2".split()
+)
 SUPPORTED_DTYPES = frozenset(
     "bool int8 int16 int32 int64 uint8 uint16 uint32 uint64 "
-    "float16 bfloat16 float32 float64 complex64 complex128".split()
+    "float16 float32 float64 complex64 complex128".split() + _ML_DTYPES
 )
+# What a saved array was in the user's tree when it was not an array (see _plan):
+# a Python scalar or bytes (restored with that type onto host targets), or a typed
+# PRNG key array (stored as its key data, rebuilt with this implementation).
+PYTHON_TYPES = ("bool", "int", "float", "complex", "bytes")
+KEY_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +68,10 @@ class ArrayMetadata:
       dtype: numpy dtype (bfloat16 through ml_dtypes).
       chunk_shape: Zarr chunk shape (the saved shard shape; 1 where a dim is 0).
       layout: the saved `mesh.Layout` as JSON, or None for host or non-mesh arrays.
+      python_type: "int", "float", "bool", "complex" or "bytes" when the saved value was
+        that Python type (a 0-d array, or uint8 bytes); None for arrays.
+      key_impl: the PRNG implementation name when the value was a typed key array
+        (``jax.random.key``); the stored array is its ``key_data``.
     """
 
     storage_path: str
@@ -62,6 +79,8 @@ class ArrayMetadata:
     dtype: np.dtype
     chunk_shape: tuple[int, ...]
     layout: dict | None = None
+    python_type: str | None = None
+    key_impl: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -85,10 +104,10 @@ def dtype_from_name(name: object, *, array: str) -> np.dtype:
             f"Array {array!r}: unsupported dtype {name!r}; expected one of "
             f"{sorted(SUPPORTED_DTYPES)}"
         )
-    if name == "bfloat16":
+    if name in _ML_DTYPES:
         import ml_dtypes
 
-        return np.dtype(ml_dtypes.bfloat16)
+        return np.dtype(getattr(ml_dtypes, name))
     return np.dtype(name)
 
 
@@ -103,6 +122,7 @@ def encode_metadata(meta: CheckpointMetadata) -> bytes:
                 "dtype": a.dtype.name,
                 "chunk_shape": list(a.chunk_shape),
                 "layout": a.layout,
+                **_value_fields(a),
             }
             for path, a in meta.arrays.items()
         },
@@ -115,6 +135,12 @@ def encode_metadata(meta: CheckpointMetadata) -> bytes:
         "checkpoint": body,
     }
     return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+def _value_fields(a: ArrayMetadata) -> dict:
+    """The optional fields of an array entry, present only when set (see FORMAT.md)."""
+    fields = {"python_type": a.python_type, "key_impl": a.key_impl}
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 def decode_metadata(data: bytes, *, source: str) -> CheckpointMetadata:
@@ -187,12 +213,25 @@ def _array_from_json(path: object, entry: object) -> ArrayMetadata:
     layout = entry.get("layout")
     if layout is not None and not isinstance(layout, dict):
         raise CorruptCheckpointError(f"Array {path!r}: layout must be an object or null")
+    python_type, key_impl = entry.get("python_type"), entry.get("key_impl")
+    if python_type is not None and (python_type not in PYTHON_TYPES or shape != ()
+                                    and python_type != "bytes"):
+        raise CorruptCheckpointError(
+            f"Array {path!r}: python_type must be one of {PYTHON_TYPES} (a scalar unless "
+            f"bytes), found {python_type!r} for shape {list(shape)}"
+        )
+    if key_impl is not None and (key_impl not in KEY_IMPLS or not shape):
+        raise CorruptCheckpointError(
+            f"Array {path!r}: key_impl must be one of {KEY_IMPLS}, found {key_impl!r}"
+        )
     return ArrayMetadata(
         storage_path=check_storage_path(entry.get("storage_path"), array=path),
         shape=shape,
         dtype=dtype_from_name(entry.get("dtype"), array=path),
         chunk_shape=chunk_shape,
         layout=layout,
+        python_type=python_type,
+        key_impl=key_impl,
     )
 
 

@@ -8,20 +8,38 @@ place, immutable pytrees (NamedTuples, dataclasses, tuples, plain arrays) are re
 re-assigned on their parent. Values whose object does not exist yet are parked on the
 parent ``AutoTrackable`` and restored when it is attached (deferred restoration).
 
-Node kinds: ``variable`` and ``array`` are leaves (one saved array each); ``trackable``
-(``AutoTrackable`` attributes), ``dict``, ``list`` (mutable, updated in place) and
-``pytree`` (any other JAX pytree node, rebuilt) are containers.
+Node kinds (``classify``):
+
+- leaves stored as one array each: ``variable`` (a ``Variable`` or flax ``nnx.Variable``,
+  assigned in place) and ``array`` (jax/numpy arrays, typed PRNG keys, Python scalars
+  and bytes, whose Python type the array's metadata records);
+- leaves stored in the graph itself: ``value`` (a string or None, as JSON) and
+  ``process_state`` (an object with ``get_state()``/``set_state()``, such as a grain
+  data iterator: one state per process, see ``encode_state``);
+- containers: ``trackable`` (``AutoTrackable`` attributes), ``object`` (a flax
+  ``nnx.Module`` or other ``nnx.Pytree``: its data attributes), ``dict`` (any mutable
+  mapping, ``nnx.State`` included) and ``list`` are mutable and updated in place;
+  ``pytree`` (any other JAX pytree node) is rebuilt.
+
+The rule for everything else: an attribute of an ``AutoTrackable`` that is not data (a
+callable, a class, any other object) is skipped, as TensorFlow skips it; the same value
+inside a dict, list, pytree or module's data is refused with a ``ValueError`` naming its
+path, because there it is data the user expects back. Nothing is dropped silently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import base64
+import json
+import sys
+from collections.abc import Callable, Iterator, MutableMapping
 
 import jax
 import numpy as np
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 from dcheckpoint import _paths
+from dcheckpoint._plan import ProcessValue, python_type
 from dcheckpoint._variable import Variable
 from dcheckpoint.errors import CheckpointMismatchError, CorruptCheckpointError
 
@@ -33,6 +51,11 @@ __all__ = [
     "LEAF_KINDS",
     "classify",
     "children",
+    "decode_state",
+    "encode_state",
+    "get_inner",
+    "has_identity",
+    "set_inner",
     "escape",
     "flatten",
     "join",
@@ -41,18 +64,22 @@ __all__ = [
 ]
 
 GRAPH_FORMAT = "dcheckpoint.object_graph.v1"
-LEAF_KINDS = ("variable", "array")
-CONTAINER_KINDS = ("trackable", "dict", "list", "pytree")
+ARRAY_KINDS = ("variable", "array")
+LEAF_KINDS = ARRAY_KINDS + ("value", "process_state")
+CONTAINER_KINDS = ("trackable", "object", "dict", "list", "pytree")
 _INTERNAL_PREFIX = "_dc_"
+_NNX_INTERNAL_PREFIX = "_pytree__"
+_EMPTY = "empty"  # a pytree with no leaves (optax's EmptyState, ()): nothing to save
 
 
 class AutoTrackable:
     """Base class whose attributes become named edges of the checkpoint's object graph.
 
     Any attribute holding a ``Variable``, another ``AutoTrackable``, a dict, a list, a
-    JAX/numpy array or any JAX pytree (optax states, registered dataclasses, flax-style
-    nested dicts) is saved under ``<attribute name>/...``. Other attributes (ints,
-    strings, callables) are ignored, as in TensorFlow.
+    JAX/numpy array, any JAX pytree (optax states, registered dataclasses, flax-style
+    nested dicts), a flax ``nnx.Module``, a Python scalar, string, bytes or None, or an
+    object with ``get_state()``/``set_state()`` is saved under ``<attribute name>/...``
+    and restored. Callables and other objects are skipped, as in TensorFlow.
 
     When a restore finds checkpoint values for an attribute that does not exist yet,
     they wait here and are restored the moment the attribute is assigned:
@@ -72,23 +99,94 @@ class AutoTrackable:
         self.__dict__.setdefault("_dc_pending", {})[name] = restore
 
 
+def _nnx():
+    """flax.nnx if the program imported it; dcheckpoint does not import flax itself."""
+    return sys.modules.get("flax.nnx")
+
+
 def classify(value) -> str | None:
-    """Returns the node kind of ``value``, or ``None`` when it is not checkpointable."""
-    if isinstance(value, Variable):
+    """Returns the node kind of ``value``; ``"empty"`` for a pytree with no leaves
+    (nothing to save), ``None`` when it cannot be checkpointed."""
+    nnx = _nnx()
+    if isinstance(value, Variable) or nnx is not None and isinstance(value, nnx.Variable):
         return "variable"
     if isinstance(value, AutoTrackable):
         return "trackable"
-    if isinstance(value, jax.Array | np.ndarray | np.generic):
+    if nnx is not None and isinstance(value, nnx.Pytree):
+        return "object"
+    if isinstance(value, jax.Array | np.ndarray | np.generic) or python_type(value):
         return "array"
-    if isinstance(value, dict):
+    if value is None or isinstance(value, str):
+        return "value"
+    if isinstance(value, dict | MutableMapping):
         return "dict"
     if isinstance(value, list):
         return "list"
-    if value is None or isinstance(value, str | bytes | int | float | complex):
-        return None
-    if jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(value)):
+    if callable(getattr(value, "get_state", None)) and callable(
+        getattr(value, "set_state", None)
+    ):
+        return "process_state"
+    treedef = jax.tree_util.tree_structure(value)
+    if treedef.num_leaves == 0:
+        return _EMPTY
+    if jax.tree_util.treedef_is_leaf(treedef):
         return None
     return "pytree"
+
+
+def has_identity(value) -> bool:
+    """Whether two paths reaching ``value`` share one object (saved once, as an alias).
+
+    Python scalars, strings, None and numpy scalars are values: CPython shares small
+    ints and strings between unrelated places, which must not make them aliases.
+    """
+    return not (value is None or python_type(value) is not None
+                or isinstance(value, str | np.generic))
+
+
+def get_inner(variable):
+    """The value a ``variable`` node holds (a ``Variable``'s or an ``nnx.Variable``'s)."""
+    if isinstance(variable, Variable):
+        return variable.value
+    return variable.get_value()
+
+
+def set_inner(variable, value):
+    """Assigns a restored value into a ``variable`` node, in place; returns the node."""
+    if isinstance(variable, Variable):
+        return variable.assign(value)
+    variable.set_value(value)
+    return variable
+
+
+def encode_state(path: str, state) -> dict:
+    """The JSON form of one process's ``get_state()``: bytes as base64, else JSON.
+
+    Raises:
+      ValueError: the state is neither bytes nor JSON-serialisable (names ``path``).
+    """
+    if isinstance(state, bytes):
+        return {"bytes": base64.b64encode(state).decode("ascii")}
+    try:
+        json.dumps(state, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"{path!r}: get_state() returned a {type(state).__name__} that is neither "
+            f"bytes nor JSON ({e}); return bytes or plain JSON values"
+        ) from None
+    return {"json": state}
+
+
+def decode_state(path: str, entry) -> object:
+    """The state ``encode_state`` recorded, as ``set_state`` should receive it."""
+    if isinstance(entry, dict) and isinstance(entry.get("bytes"), str) and len(entry) == 1:
+        try:
+            return base64.b64decode(entry["bytes"], validate=True)
+        except ValueError:
+            pass
+    elif isinstance(entry, dict) and "json" in entry and len(entry) == 1:
+        return entry["json"]
+    raise CorruptCheckpointError(f"{path!r}: malformed per-process state {entry!r}")
 
 
 def escape(name) -> str:
@@ -124,6 +222,11 @@ def children(value, kind: str) -> list[tuple[str, object]]:
     """The named children of a container node, checkpointable or not, in a stable order."""
     if kind == "trackable":
         return [(k, v) for k, v in vars(value).items() if not k.startswith(_INTERNAL_PREFIX)]
+    if kind == "object":
+        # An nnx module's data attributes, as its pytree flattening names them; its
+        # static attributes (sizes, dtypes, callables) are part of its code, not state.
+        return [(k, v) for k, v in pytree_children(value)[0]
+                if not k.startswith(_NNX_INTERNAL_PREFIX)]
     if kind == "dict":
         return [(str(k), v) for k, v in value.items()]
     if kind == "list":
@@ -138,23 +241,38 @@ def _walk(top: list[tuple[str, object]]) -> Iterator[tuple[str, str, object, str
 
     The first path reaching an object owns it; later paths are reported as aliases and
     not descended, so a shared object is saved once and cycles terminate.
+
+    Raises:
+      ValueError: a value that cannot be saved sits inside a dict, list, pytree or
+        module (an ``AutoTrackable``'s non-data attributes are skipped instead).
     """
     seen: dict[int, str] = {}
     keep = []  # flattening may make temporaries: keep them alive so ids stay unique
-    stack = [(escape(name), value) for name, value in reversed(top)]
+    stack = [(escape(name), value, False) for name, value in reversed(top)]
     while stack:
-        path, value = stack.pop()
+        path, value, strict = stack.pop()
         kind = classify(value)
+        if kind == _EMPTY:
+            continue
         if kind is None:
+            if strict:
+                raise CheckpointMismatchError(
+                    f"{path!r}: a value of type {type(value).__name__} cannot be saved; it holds "
+                    "arrays, Variables, Python scalars, strings, bytes, None, containers of "
+                    "them and objects with get_state()/set_state(). Remove it from the "
+                    "saved state, or keep it as an attribute of an AutoTrackable (skipped)"
+                )
             continue
-        if id(value) in seen:
-            yield path, kind, value, seen[id(value)]
-            continue
-        seen[id(value)] = path
+        if has_identity(value):
+            if id(value) in seen:
+                yield path, kind, value, seen[id(value)]
+                continue
+            seen[id(value)] = path
         keep.append(value)
         yield path, kind, value, None
+        strict_children = kind != "trackable"
         for name, child in reversed(children(value, kind)):
-            stack.append((join(path, escape(name)), child))
+            stack.append((join(path, escape(name)), child, strict_children))
 
 
 def flatten(top: list[tuple[str, object]]) -> tuple[dict[str, object], dict]:
@@ -164,9 +282,11 @@ def flatten(top: list[tuple[str, object]]) -> tuple[dict[str, object], dict]:
       top: ``[(name, value)]``, the checkpoint root's children.
 
     Returns:
-      ``(arrays, graph)``: ``arrays`` maps each leaf's path to its ``jax.Array`` (or
-      numpy value); ``graph`` is JSON with ``nodes`` ``{path: {"kind", "children"}}``
-      (root ``""``) and ``aliases`` ``{path: path it shares its object with}``.
+      ``(arrays, graph)``: ``arrays`` maps each leaf's path to its ``jax.Array``, numpy
+      or Python value, or a ``ProcessValue`` (this process's ``get_state()``); ``graph``
+      is JSON with ``nodes`` ``{path: {"kind", "children"}}`` (root ``""``; ``value``
+      nodes carry their ``"value"``) and ``aliases`` ``{path: path it shares its object
+      with}``.
     """
     arrays: dict[str, object] = {}
     nodes: dict[str, dict] = {"": {"kind": "trackable", "children": []}}
@@ -179,16 +299,21 @@ def flatten(top: list[tuple[str, object]]) -> tuple[dict[str, object], dict]:
         nodes[parent]["children"].append(name)
         if alias_of is not None:
             aliases[path] = alias_of
-        elif kind in LEAF_KINDS:
+        elif kind in ARRAY_KINDS:
             nodes[path] = {"kind": kind}
-            arrays[path] = value.value if kind == "variable" else value
+            arrays[path] = get_inner(value) if kind == "variable" else value
+        elif kind == "value":
+            nodes[path] = {"kind": kind, "value": value}
+        elif kind == "process_state":
+            nodes[path] = {"kind": kind}
+            arrays[path] = ProcessValue(encode_state(path, value.get_state()))
         else:
             nodes[path] = {"kind": kind, "children": []}
     return arrays, {"format": GRAPH_FORMAT, "nodes": nodes, "aliases": aliases}
 
 
 def leaf_paths(value, path: str) -> list[str]:
-    """Paths of the leaves (variables, arrays) reachable from ``value`` at ``path``."""
+    """Paths of the leaves (variables, arrays, values) reachable from ``value`` at ``path``."""
     parent, _, name = path.rpartition("/")
     top = [(_paths.unescape(name), value)]
     prefix = f"{parent}/" if parent else ""
@@ -221,6 +346,11 @@ def check_graph(graph: object, *, source: str) -> tuple[dict, dict]:
         if kind not in LEAF_KINDS + CONTAINER_KINDS:
             raise bad(f"node {path!r}: expected a kind in {LEAF_KINDS + CONTAINER_KINDS}, "
                       f"found {kind!r}")
+        if kind == "value" and "value" not in node:
+            raise bad(f"node {path!r}: a value node must hold its 'value'")
+        states = node.get("states")
+        if kind == "process_state" and not isinstance(states, list):
+            raise bad(f"node {path!r}: 'states' must be a list, found {states!r}")
         kids = node.get("children")
         if kind in CONTAINER_KINDS and not (
             isinstance(kids, list) and all(isinstance(k, str) for k in kids)

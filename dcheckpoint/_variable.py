@@ -96,7 +96,7 @@ class Variable:
             raise ValueError(
                 f"Variable.assign: expected shape {self.shape}, got {tuple(value.shape)}"
             )
-        if np.dtype(value.dtype) != np.dtype(self.dtype):
+        if value.dtype != self.dtype:  # not np.dtype(): typed PRNG keys have no numpy dtype
             raise ValueError(f"Variable.assign: expected dtype {self.dtype}, got {value.dtype}")
         if not (isinstance(value, jax.Array) and value.sharding == self.sharding):
             value = jax.device_put(value, self.sharding)

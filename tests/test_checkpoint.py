@@ -174,8 +174,8 @@ def test_root_and_kwargs(tmp_path):
 
 
 def test_non_trackable_kwarg_rejected():
-    with pytest.raises(ValueError, match="trackable object for 'lr'.*got float"):
-        Checkpoint(lr=0.1)
+    with pytest.raises(ValueError, match="trackable object for 'act'.*got function"):
+        Checkpoint(act=lambda x: x)
     with pytest.raises(ValueError, match="reserved"):
         Checkpoint(save_counter=Variable(jnp.zeros(())))
 

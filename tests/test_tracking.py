@@ -27,16 +27,19 @@ class Dense(AutoTrackable):
     def __init__(self):
         self.kernel = Variable(jnp.zeros((3, 2)))
         self.bias = Variable(jnp.zeros((2,)))
-        self.units = 2  # not checkpointable: ignored
+        self.units = 2  # a Python int: saved, with its type
+        self.act = jax.nn.relu  # a callable attribute: skipped, as in TF
 
 
 def test_paths_are_readable_and_kinds_recorded():
     model = AutoTrackable()
     model.dense = Dense()
     arrays, graph = flatten([("model", model)])
-    assert sorted(arrays) == ["model/dense/bias", "model/dense/kernel"]
+    assert sorted(arrays) == ["model/dense/bias", "model/dense/kernel", "model/dense/units"]
+    assert arrays["model/dense/units"] == 2
     assert graph["nodes"][""]["children"] == ["model"]
-    assert graph["nodes"]["model/dense"] == {"kind": "trackable", "children": ["kernel", "bias"]}
+    assert graph["nodes"]["model/dense"] == {
+        "kind": "trackable", "children": ["kernel", "bias", "units"]}
     assert graph["nodes"]["model/dense/kernel"] == {"kind": "variable"}
     assert arrays["model/dense/kernel"] is model.dense.kernel.value
 
@@ -83,13 +86,16 @@ def test_classify():
     assert classify({"a": 1}) == "dict"
     assert classify([1]) == "list"
     assert classify(ScaleState(jnp.zeros(()), {})) == "pytree"
-    assert classify(3) is None and classify("s") is None and classify(None) is None
-    assert classify(object()) is None
+    assert classify(3) == "array" and classify(True) == "array" and classify(b"x") == "array"
+    assert classify("s") == "value" and classify(None) == "value"
+    assert classify(()) == "empty"
+    assert classify(object()) is None and classify(jax.nn.relu) is None
 
 
 def test_leaf_paths_of_subtree():
     d = Dense()
-    assert sorted(leaf_paths(d, "model/dense")) == ["model/dense/bias", "model/dense/kernel"]
+    assert sorted(leaf_paths(d, "model/dense")) == [
+        "model/dense/bias", "model/dense/kernel", "model/dense/units"]
 
 
 def test_pending_restore_runs_on_attach():
