@@ -22,7 +22,7 @@ from ._engine import read_metadata, restore_arrays, save_arrays
 from ._metadata import ArrayMetadata, CheckpointMetadata
 from ._options import CheckpointOptions
 from ._paths import join_path, unescape
-from ._tracking import CONTAINER_KINDS, GRAPH_FORMAT, check_graph, key_name
+from ._tracking import CONTAINER_KINDS, GRAPH_FORMAT, check_graph, decode_state, key_name
 from ._variable import Variable
 from .errors import CheckpointMismatchError, CorruptCheckpointError
 
@@ -257,6 +257,7 @@ def _as_saved(metadata: CheckpointMetadata, values: dict[str, Any], *, source: s
     cycle): the result is always a tree that ``jax.tree`` functions can walk.
     """
     children, kinds, aliases = _structure(metadata, source)
+    values = {**_graph_values(metadata, source), **values}
     if "" not in kinds:  # save_pytree of a single leaf
         return values[_LEAF_ROOT]
     built: dict[str, Any] = {}
@@ -298,6 +299,23 @@ def _as_saved(metadata: CheckpointMetadata, values: dict[str, Any], *, source: s
         return build("")
     except RecursionError:
         raise CorruptCheckpointError(f"{source}: the object graph nests too deeply") from None
+
+
+def _graph_values(metadata: CheckpointMetadata, source: str) -> dict[str, Any]:
+    """The values a ``Checkpoint`` kept in its object graph rather than in arrays: a
+    ``value`` node's JSON, and a ``process_state`` node's saved states, one per process
+    in process order (a restore without a target gives back what was saved)."""
+    graph = metadata.object_graph
+    if not (isinstance(graph, dict) and graph.get("format") == GRAPH_FORMAT):
+        return {}
+    nodes, _ = check_graph(graph, source=source)
+    found = {}
+    for path, node in nodes.items():
+        if node["kind"] == "value":
+            found[path] = node["value"]
+        elif node["kind"] == "process_state":
+            found[path] = [decode_state(path, state) for state in node["states"]]
+    return found
 
 
 def _resolve(path: str, aliases: dict[str, str]) -> str:

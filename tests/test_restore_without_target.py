@@ -101,7 +101,7 @@ def test_checkpoint_comes_back_by_graph_path_with_save_counter(tmp_path):
     model.layers = [Variable(jnp.zeros(2)), np.arange(3)]
     model.shared = model.layers[1]      # one object under two paths
     model.self_ref = model              # a cycle
-    model.name = "not data"             # skipped, as in TensorFlow
+    model.name = "run-1"                # a string: kept in the object graph
     path = Checkpoint(model=model, opt=Pair(np.ones(1), np.zeros(1))).save(str(tmp_path / "c"))
     out = dcheckpoint.restore_pytree(path)
     assert set(out) == {"model", "opt", "save_counter"}
@@ -111,8 +111,9 @@ def test_checkpoint_comes_back_by_graph_path_with_save_counter(tmp_path):
     assert out["model"]["shared"] is out["model"]["layers"][1]
     assert "self_ref" not in out["model"]  # a cycle: the result stays a tree
     assert set(out["opt"]) == {"first", "second"}
-    # kernel, layers 0 and 1, shared, opt first and second, save_counter
-    assert len(jax.tree.leaves(out)) == 7
+    assert out["model"]["name"] == "run-1"
+    # kernel, layers 0 and 1, shared, name, opt first and second, save_counter
+    assert len(jax.tree.leaves(out)) == 8
 
 
 def test_a_checkpoint_with_shared_objects_restores_onto_its_own_or_a_built_target(tmp_path):
