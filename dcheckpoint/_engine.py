@@ -113,8 +113,12 @@ def write_and_commit(
     object_graph: Any = None,
     options: CheckpointOptions | None = None,
     comm: Communicator | None = None,
+    user_metadata: dict | None = None,
 ) -> str:
-    """Steps 1-5 of the save protocol for an already planned save."""
+    """Steps 1-5 of the save protocol for an already planned save.
+
+    ``user_metadata``: the caller's checked JSON dict, stored in the metadata file.
+    """
     options = options or CheckpointOptions()
     comm = comm or default_communicator()
     timeout = options.timeout_secs
@@ -145,7 +149,8 @@ def write_and_commit(
         try:
             reports = [json.loads(m) for m in manifests]
             _check_manifests(plan, reports)
-            _commit(target, staged, plan, object_graph, options.compression, comm)
+            _commit(target, staged, plan, object_graph, options.compression, comm,
+                    user_metadata=user_metadata)
             outcome = {"path": directory}
         except Exception as e:
             staged.remove_tree()  # every writer is done (they sent their manifests)
@@ -225,7 +230,8 @@ def _check_manifests(plan: SavePlan, reports: list[dict]) -> None:
             )
 
 
-def _commit(target, staged, plan: SavePlan, object_graph, compression, comm) -> None:
+def _commit(target, staged, plan: SavePlan, object_graph, compression, comm, *,
+            user_metadata=None) -> None:
     """(coordinator) Zarr metadata, group nodes, metadata file, fsync, publish."""
     creates = [
         tsio.open_for_write(staged.kvstore_spec(m.storage_path), m, compression, create=True)
@@ -248,6 +254,7 @@ def _commit(target, staged, plan: SavePlan, object_graph, compression, comm) -> 
             "hostname": socket.gethostname(),
             "jax_version": jax.__version__,
         },
+        user_metadata=user_metadata,
     )
     fsync_tree(staged.path)
     staged.write_bytes_atomic(METADATA_FILE, encode_metadata(meta))
