@@ -232,20 +232,14 @@ class ExportingCheckpointManager(CheckpointManager):
         existing = self.get_existing_savedmodels()
         return existing[-1] if existing else None
 
-    def get_savedmodel_number_from_path(self, path) -> int:
-        """``N`` of ``.../<savedmodel_name>-N``.
+    def get_savedmodel_number_from_path(self, path) -> int | None:
+        """``N`` of ``.../<savedmodel_name>-N``, or None when the path names no artifact.
 
-        Raises:
-          ValueError: the path's last component is not ``<savedmodel_name>-<number>``.
+        None, not an error, as TF's: callers filter directory listings with it.
         """
         name = os.path.basename(os.path.normpath(os.fspath(path)))
         match = self._savedmodel_pattern.match(name)
-        if match is None:
-            raise ValueError(
-                f"Path {path!r} does not name an artifact: expected its last component "
-                f"to be {self._savedmodel_name}-<number>, found {name!r}"
-            )
-        return int(match.group(1))
+        return int(match.group(1)) if match else None
 
     def wait_for_new_savedmodel(self, last_savedmodel, seconds_to_sleep=1.0, timeout=None):
         """Waits for a latest artifact other than ``last_savedmodel``; None on timeout."""
