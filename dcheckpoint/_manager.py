@@ -199,6 +199,10 @@ class CheckpointManager:
             PreemptionWatcher(self._comm, timeout_secs=CheckpointOptions().timeout_secs)
             if save_on_preemption else None
         )
+        if self._preemption is not None:
+            # A dropped manager gives SIGTERM back; otherwise the signal would only set
+            # a flag nobody reads any more.
+            weakref.finalize(self, self._preemption.close)
 
     def _start(self) -> None:
         """Locks and cleans the directory and decides the managed list (coordinator),

@@ -146,5 +146,9 @@ class PreemptionWatcher:
     def close(self) -> None:
         """Puts the previous signal handlers back (own mode)."""
         for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+            try:
+                signal.signal(signum, handler)
+            except ValueError:  # a finalizer outside the main thread: leave it
+                logger.warning("could not restore the handler of signal %d outside the "
+                               "main thread", signum)
         self._previous.clear()
