@@ -80,8 +80,9 @@ def test_inspect_text_output_is_a_tree(managed, capsys):
     assert main(["inspect", str(managed / "ckpt-3")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "3 arrays, 292 B" in lines[0]
-    assert [line.split()[0] for line in lines[2:]] == [
+    assert [line.split()[0] for line in lines[2:-1]] == [
         "model/", "dense/", "bias", "kernel", "save_counter"]
+    assert lines[-1] == 'metadata: {"step": 3}'  # the manager records the step
     assert lines[5].split()[1:4] == ["8x8", "float32", "[x,"]
 
 
