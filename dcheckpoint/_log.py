@@ -25,7 +25,7 @@ def _rate(nbytes: int, seconds: float) -> float:
 def log_save(path: str, nbytes: int, seconds: float, blocked_secs: float) -> None:
     """Logs a committed save (every process; the numbers are the same save's)."""
     logger.info(
-        "saved %s: %d bytes in %.3f s (%.3f GB/s), caller blocked %.3f s",
+        "saved %s: %d bytes in %.3f s (%.3g GB/s), caller blocked %.3f s",
         path, nbytes, seconds, _rate(nbytes, seconds), blocked_secs,
         extra={"dcheckpoint": {"op": "save", "path": str(path), "bytes": nbytes,
                                "seconds": seconds, "blocked_secs": blocked_secs}},
@@ -35,7 +35,7 @@ def log_save(path: str, nbytes: int, seconds: float, blocked_secs: float) -> Non
 def log_restore(path: str, nbytes: int, seconds: float) -> None:
     """Logs a finished restore of ``nbytes`` of arrays (this process's call)."""
     logger.info(
-        "restored %s: %d bytes in %.3f s (%.3f GB/s)",
+        "restored %s: %d bytes in %.3f s (%.3g GB/s)",
         path, nbytes, seconds, _rate(nbytes, seconds),
         extra={"dcheckpoint": {"op": "restore", "path": str(path), "bytes": nbytes,
                                "seconds": seconds}},
