@@ -97,12 +97,11 @@ class PreemptionWatcher:
                 self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
-        # Only a flag: the save runs at the next step boundary, in the training thread,
-        # once every process agrees. A second notice does not kill the job either.
-        del frame
+        # Only a flag (no logging: its locks are not safe here): the save runs at the
+        # next step boundary, in the training thread, once every process agrees. A
+        # second notice does not kill the job either.
+        del signum, frame
         self._notice.set()
-        logger.warning("preemption notice (signal %d): saving at the next agreed step",
-                       signum)
 
     @property
     def notice_received(self) -> bool:
@@ -129,7 +128,8 @@ class PreemptionWatcher:
             answer = self._agree()
         self._last = (step, answer)
         if answer:
-            logger.warning("preemption: every process agreed to save at step %d", step)
+            logger.warning("preemption notice: every process agreed to save at step %d%s",
+                           step, " (notice received here)" if self.notice_received else "")
         return answer
 
     def _agree(self) -> bool:

@@ -123,3 +123,22 @@ def test_composes_with_keep_checkpoint_every_n_hours(tmp_path, monkeypatch):
     # two hours is preserved on disk (saved at hours 2 and 4: steps 2 and 4).
     assert manager.checkpoints == [str(tmp_path / "ckpt-1"), str(tmp_path / "ckpt-5")]
     assert steps_on_disk(tmp_path) == [1, 2, 4, 5]
+
+
+def test_exporting_manager_keeps_the_artifacts_of_the_best(tmp_path):
+    import jax
+
+    from dcheckpoint import ExportingCheckpointManager
+
+    manager = ExportingCheckpointManager(
+        Checkpoint(w=Variable(np.ones(2, np.float32))), tmp_path, max_to_keep=1,
+        serving_fn=lambda p, x: p["w"] * x, params_fn=lambda: {"w": np.ones(2, np.float32)},
+        input_specs=[jax.ShapeDtypeStruct((2,), np.float32)], best_fn=loss, best_mode="min")
+    save_losses(manager, [2.0, 1.0, 3.0])
+    assert steps_on_disk(tmp_path) == [2, 3]
+    assert [os.path.basename(p) for p in manager.get_existing_savedmodels()] == [
+        "savedmodel-2", "savedmodel-3"]
+    assert read_metadata(str(tmp_path / "ckpt-2")).user_metadata == {"loss": 1.0, "step": 2}
+    with pytest.raises(ValueError, match=r"metadata\['loss'\]: nan"):
+        manager.save(checkpoint_number=4, metadata={"loss": float("nan")})
+    assert "savedmodel-4" not in os.listdir(tmp_path)  # refused before the export
