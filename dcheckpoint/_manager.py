@@ -46,7 +46,7 @@ from ._state_file import (
 )
 from ._storage import open_storage
 from ._user_metadata import check_user_metadata
-from .errors import CheckpointError, CheckpointNotFoundError
+from .errors import CheckpointError, CheckpointNotFoundError, CoordinationError
 
 __all__ = ["CheckpointManager", "checkpoints_iterator", "wait_for_new_checkpoint"]
 
@@ -512,7 +512,7 @@ class CheckpointManager:
         """
         path = self._step_path(step)
         self.sync()
-        outcome = {"ok": True}
+        outcome = {"path": path}
         if self._comm.is_coordinator:
             try:
                 if not is_committed(path):
@@ -524,7 +524,7 @@ class CheckpointManager:
                 self._forget(path)
                 self._record_after_delete()
             except Exception as e:  # noqa: BLE001 (sent to every process, raised below)
-                outcome = {"error": f"{type(e).__name__}: {e}",
+                outcome = {"path": path, "error": f"{type(e).__name__}: {e}",
                            "not_found": isinstance(e, CheckpointNotFoundError)}
                 local = e
         outcome = json.loads(self._comm.broadcast(
@@ -536,6 +536,13 @@ class CheckpointManager:
                 raise local
             error_type = CheckpointNotFoundError if outcome["not_found"] else CheckpointError
             raise error_type(f"The coordinator could not delete {path!r}: {outcome['error']}")
+        if outcome["path"] != path:
+            # The coordinator deleted another step: follow the disk, then say so.
+            self._forget(outcome["path"])
+            raise CoordinationError(
+                f"This process called delete({step}) but the coordinator deleted "
+                f"{outcome['path']!r}; every process must delete the same step"
+            )
         if not self._comm.is_coordinator:
             self._forget(path)
         return path

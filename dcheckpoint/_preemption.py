@@ -13,9 +13,10 @@ is collective: every process must save at the *same* step. Two ways to agree:
   replace JAX's.
 - **Our own**, everywhere else (one process, or ``jax_enable_preemption_service`` off):
   a SIGTERM handler only sets a flag; at each step boundary (:meth:`reached`) every
-  process sends its flag to the coordinator, which broadcasts "save now" if any process
-  has one. One gather and one broadcast of one byte per step: microseconds over MPI,
-  about a millisecond over the coordination service.
+  process sends its flag and step to the coordinator, which broadcasts "save now" if
+  any process has one (or an error if the steps differ). One gather and one broadcast
+  of a few bytes per step: microseconds over MPI, about a millisecond over the
+  coordination service.
 
 Either way :meth:`reached` is collective: every process calls it once per step, with the
 same step number, and every process gets the same answer.
@@ -23,11 +24,13 @@ same step number, and every process gets the same answer.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
 
 from ._comm import Communicator, JaxDistributedCommunicator, MPICommunicator
+from .errors import CoordinationError
 
 __all__ = ["PreemptionWatcher"]
 
@@ -125,23 +128,37 @@ class PreemptionWatcher:
 
             answer = bool(multihost_utils.reached_preemption_sync_point(step))
         else:
-            answer = self._agree()
+            answer = self._agree(step)
         self._last = (step, answer)
         if answer:
             logger.warning("preemption notice: every process agreed to save at step %d%s",
                            step, " (notice received here)" if self.notice_received else "")
         return answer
 
-    def _agree(self) -> bool:
-        """(all) send this process's flag; (coordinator) broadcast whether any is set."""
+    def _agree(self, step: int) -> bool:
+        """(all) send this process's flag and step; (coordinator) broadcast whether any
+        flag is set, or that the steps differ (every process then raises)."""
         comm = self._comm
-        flag = b"1" if self._notice.is_set() else b"0"
         if comm.process_count == 1:
-            return flag == b"1"
-        flags = comm.gather(flag, tag="preemption notice", timeout_secs=self._timeout_secs)
-        decision = (b"1" if b"1" in flags else b"0") if comm.is_coordinator else None
-        return comm.broadcast(decision, tag="preemption decision",
-                              timeout_secs=self._timeout_secs) == b"1"
+            return self._notice.is_set()
+        mine = json.dumps([self._notice.is_set(), step]).encode()
+        reports = comm.gather(mine, tag="preemption notice", timeout_secs=self._timeout_secs)
+        decision = None
+        if comm.is_coordinator:
+            reports = [json.loads(r) for r in reports]
+            steps = sorted({s for _, s in reports})
+            decision = {"error": steps} if len(steps) > 1 else {
+                "save": any(f for f, _ in reports)}
+            decision = json.dumps(decision).encode()
+        decision = json.loads(comm.broadcast(decision, tag="preemption decision",
+                                             timeout_secs=self._timeout_secs))
+        if "error" in decision:
+            raise CoordinationError(
+                f"Processes asked whether to save for a preemption at different steps "
+                f"{decision['error']}; every process must call save() (or "
+                f"reached_preemption) once per step with the same step"
+            )
+        return decision["save"]
 
     def close(self) -> None:
         """Puts the previous signal handlers back (own mode)."""

@@ -21,7 +21,7 @@ from dcheckpoint._comm import LocalCommunicator
 from dcheckpoint._options import CheckpointOptions
 from dcheckpoint._preemption import PreemptionWatcher
 from dcheckpoint._variable import Variable
-from tests.mp_util import REPO_ROOT
+from tests.mp_util import REPO_ROOT, results, run_launch
 
 
 def load_demo():
@@ -112,3 +112,22 @@ def test_sigterm_to_one_rank_under_mpiexec_resumes_bit_identical(tmp_path, monke
     assert comparison["identical"] == {"w1": True, "b1": True, "w2": True, "b2": True}
     assert comparison["max_abs_diff"] == 0.0
     assert resumed["loss_hex"] == baseline["loss_hex"]
+
+
+def test_ranks_that_disagree_raise_instead_of_diverging(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_ENABLE_PREEMPTION_SERVICE", "false")
+    completed = run_launch(REPO_ROOT / "tests" / "workers" / "misuse_worker.py", tmp_path,
+                           processes=2, devices_per_process=1)
+    rank0, rank1 = results(completed)
+    assert rank0["uses_jax"] is False and rank1["uses_jax"] is False
+    # The coordinator deleted what it was asked; rank 1 learns its call was not done.
+    assert rank0["deleted"] == f"returned {str(tmp_path / 'ckpt-1')!r}"
+    assert rank1["deleted"].startswith(
+        "CoordinationError: This process called delete(3) but the coordinator deleted")
+    assert rank0["steps"] == rank1["steps"] == [2, 3]
+    assert rank0["checkpoints"] == rank1["checkpoints"] == ["ckpt-2", "ckpt-3"]
+    for rank in (rank0, rank1):
+        assert rank["preemption"] == (
+            "CoordinationError: Processes asked whether to save for a preemption at "
+            "different steps [5, 6]; every process must call save() (or "
+            "reached_preemption) once per step with the same step")
