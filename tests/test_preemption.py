@@ -40,7 +40,7 @@ def test_a_sigterm_is_only_a_flag_until_the_next_step():
         os.kill(os.getpid(), signal.SIGTERM)  # the process lives on: only a flag is set
         assert watcher.notice_received
         assert watcher.reached(1) is False  # step 1 was already answered
-        assert watcher.reached(2) is True
+        assert watcher.reached(2) is True  # one process: no exchange, no delay
     finally:
         watcher.close()
     assert signal.getsignal(signal.SIGTERM) is before
@@ -127,6 +127,7 @@ def test_ranks_that_disagree_raise_instead_of_diverging(tmp_path, monkeypatch):
     assert rank0["steps"] == rank1["steps"] == [2, 3]
     assert rank0["checkpoints"] == rank1["checkpoints"] == ["ckpt-2", "ckpt-3"]
     for rank in (rank0, rank1):
+        assert rank["first"] is False
         assert rank["preemption"] == (
             "CoordinationError: Processes asked whether to save for a preemption at "
             "different steps [5, 6]; every process must call save() (or "

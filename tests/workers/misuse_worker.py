@@ -3,7 +3,7 @@
 1. rank 0 calls ``delete(1)``, rank 1 ``delete(3)``: the coordinator deletes step 1;
    rank 1 must raise CoordinationError instead of believing step 3 is gone.
 2. with ``save_on_preemption`` (own mode: the test turns JAX's service off), rank 0
-   asks at step 5 and rank 1 at step 6: both must raise CoordinationError.
+   asks at steps 5, 7 and rank 1 at 6, 8: both must raise CoordinationError.
 Prints one ``RESULT {json}`` line per process.
 """
 
@@ -35,9 +35,12 @@ def outcome(call):
 
 
 deleted = outcome(lambda: manager.delete(1 if rank == 0 else 3))
-preemption = outcome(lambda: manager.reached_preemption(5 + rank))
+# The first answer comes from no exchange (own mode answers one step late), so the
+# disagreement at steps 5 and 6 is raised by the next call, on both ranks.
+first = manager.reached_preemption(5 + rank)
+preemption = outcome(lambda: manager.reached_preemption(7 + rank))
 print("RESULT " + json.dumps({
-    "rank": rank, "deleted": deleted, "preemption": preemption,
+    "rank": rank, "deleted": deleted, "first": first, "preemption": preemption,
     "uses_jax": manager._preemption.uses_jax, "steps": manager.all_steps(),
     "checkpoints": [p.rsplit("/", 1)[-1] for p in manager.checkpoints],
 }), flush=True)
