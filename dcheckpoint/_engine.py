@@ -37,6 +37,7 @@ import numpy as np
 from . import _tensorstore as tsio
 from . import errors
 from ._comm import Communicator, default_communicator
+from ._log import log_save
 from ._metadata import (
     MAX_METADATA_BYTES,
     METADATA_FILE,
@@ -71,10 +72,14 @@ def save_arrays(
     Raises:
       CheckpointError: on every process, if any process failed to write.
     """
+    started = time.perf_counter()
     comm = comm or default_communicator()
     plan = plan_save(arrays, is_coordinator=comm.is_coordinator)
-    return write_and_commit(directory, plan, object_graph=object_graph, options=options,
+    path = write_and_commit(directory, plan, object_graph=object_graph, options=options,
                             comm=comm)
+    seconds = time.perf_counter() - started
+    log_save(path, sum(m.nbytes for m in plan.arrays.values()), seconds, seconds)
+    return path
 
 
 def snapshot(plan: SavePlan) -> SavePlan:

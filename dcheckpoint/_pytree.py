@@ -3,11 +3,13 @@ onto a target pytree of shardings."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax
 
 from ._engine import read_metadata, restore_arrays, save_arrays
+from ._log import log_restore
 from ._options import CheckpointOptions
 from ._paths import join_path
 from ._tracking import key_name
@@ -56,6 +58,7 @@ def restore_pytree(path: str, target: Any) -> Any:
       CheckpointMismatchError: the checkpoint lacks a leaf of ``target`` or disagrees
         on a shape or dtype.
     """
+    started = time.perf_counter()
     named, treedef = _flatten(target)
     metadata = read_metadata(path)
     missing = sorted(set(named) - set(metadata.arrays))
@@ -65,4 +68,6 @@ def restore_pytree(path: str, target: Any) -> Any:
             f"expects; it holds {sorted(metadata.arrays)[:10]}"
         )
     restored = restore_arrays(path, named, metadata=metadata)
+    log_restore(path, sum(metadata.arrays[k].nbytes for k in named),
+                time.perf_counter() - started)
     return jax.tree_util.tree_unflatten(treedef, [restored[k] for k in named])

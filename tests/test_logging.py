@@ -64,3 +64,16 @@ def test_nothing_is_logged_at_info_by_default(tmp_path, capsys):
     make().save(tmp_path / "ckpt")  # no handler configured: the library stays quiet
     captured = capsys.readouterr()
     assert "saved" not in captured.err and "saved" not in captured.out
+
+
+def test_save_pytree_and_restore_pytree_log_too(tmp_path, caplog):
+    from dcheckpoint import restore_pytree, save_pytree
+
+    caplog.set_level(logging.INFO, logger="dcheckpoint")
+    tree = {"a": np.ones(8, np.float32), "b": [np.zeros(2, np.int32)]}
+    path = save_pytree(str(tmp_path / "tree"), tree)
+    restore_pytree(path, {"a": None, "b": [None]})
+    (save,) = records(caplog, "save")
+    (restore,) = records(caplog, "restore")
+    assert save.dcheckpoint["bytes"] == restore.dcheckpoint["bytes"] == 40
+    assert save.dcheckpoint["path"] == restore.dcheckpoint["path"] == path
