@@ -137,6 +137,7 @@ class ExportingCheckpointManager(CheckpointManager):
              metadata=None) -> str | None:
         """Exports artifact ``N``, then saves checkpoint ``N``; see CheckpointManager.save."""
         metadata = check_user_metadata(metadata)  # refused before the export, too
+        self._check_metric(checkpoint_number, metadata)
         number = self._next_number(checkpoint_number, check_interval)
         if number is None:
             return None

@@ -349,7 +349,9 @@ class CheckpointManager(ManagerExtras):
             and retention runs after the background commit.
           metadata: a small JSON dict stored in the checkpoint (metrics, config hash,
             ...), with ``"step"`` (the checkpoint number) added unless given;
-            ``read_metadata(path).user_metadata`` reads it back.
+            ``read_metadata(path).user_metadata`` reads it back. Pass the same dict on
+            every process: the coordinator's is stored, and ``best_fn`` must rank
+            alike everywhere.
 
         Returns:
           The checkpoint's path, or None when the interval said not yet.
@@ -360,6 +362,7 @@ class CheckpointManager(ManagerExtras):
           SystemExit: with ``save_on_preemption``, after the preemption save committed.
         """
         metadata = check_user_metadata(metadata)
+        self._check_metric(checkpoint_number, metadata)
         preempted = self._check_preemption(checkpoint_number)
         number = self._next_number(checkpoint_number, check_interval and not preempted)
         path = None if number is None else self._write(number, options, metadata)

@@ -157,6 +157,18 @@ class ManagerExtras:
                 return
         open_storage(self._directory).remove(STATE_FILENAME)
 
+    def _check_metric(self, checkpoint_number, metadata) -> None:
+        """Raises ValueError now if ``best_fn`` gives no number for this save, before
+        the save counter, the interval clock or an export move."""
+        if self._best_fn is None:
+            return
+        if checkpoint_number is not None:
+            number = evaluate_counter(checkpoint_number)
+        else:
+            number = evaluate_counter(self._checkpoint.save_counter) + 1
+        metric_of(self._best_fn, {"step": number, **(metadata or {})},
+                  where=f"{self._prefix}-{number}")
+
     # -- keep the best -------------------------------------------------------------------
 
     def _sweep_best(self) -> bool:

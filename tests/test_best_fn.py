@@ -102,6 +102,7 @@ def test_a_best_fn_that_returns_no_number_stops_the_save(tmp_path):
     with pytest.raises(ValueError, match=r"best_fn must return a real number .*got True"):
         manager.save(checkpoint_number=3, metadata={"loss": True})
     assert steps_on_disk(tmp_path) == [1]
+    assert int(manager.checkpoint.save_counter.value) == 1  # refused before it moved
     manager.save(checkpoint_number=4, metadata={"loss": np.float32(0.5)})  # numpy is fine
     assert steps_on_disk(tmp_path) == [1, 4]
 
@@ -142,3 +143,6 @@ def test_exporting_manager_keeps_the_artifacts_of_the_best(tmp_path):
     with pytest.raises(ValueError, match=r"metadata\['loss'\]: nan"):
         manager.save(checkpoint_number=4, metadata={"loss": float("nan")})
     assert "savedmodel-4" not in os.listdir(tmp_path)  # refused before the export
+    with pytest.raises(ValueError, match=r"best_fn must return a real number"):
+        manager.save(checkpoint_number=5, metadata={"loss": "low"})
+    assert "savedmodel-5" not in os.listdir(tmp_path)
