@@ -133,3 +133,34 @@ def test_delete_and_restore_under_mpiexec(tmp_path):
         assert r["missing_error"].startswith("CheckpointNotFoundError")
     # The lock file is gone: the job ended and released it.
     assert sorted(os.listdir(tmp_path)) == [STATE_FILENAME, "ckpt-1", "ckpt-3"]
+
+
+def test_restore_a_step_of_real_flax_and_optax_state(tmp_path):
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    model = nn.Dense(3)
+    params = model.init(jax.random.key(0), jnp.ones((1, 2)))
+    optimizer = optax.adam(1e-2)
+    state = {"params": params, "opt": optimizer.init(params)}
+    checkpoint = Checkpoint(state=state)
+    manager = CheckpointManager(checkpoint, tmp_path, max_to_keep=2,
+                                best_fn=lambda m: m["loss"], best_mode="min")
+    snapshots = {}
+    for step, loss in [(1, 3.0), (2, 1.0), (3, 2.0)]:
+        grads = jax.tree.map(jnp.ones_like, checkpoint.state["params"])
+        updates, opt = optimizer.update(grads, checkpoint.state["opt"])
+        checkpoint.state = {"params": optax.apply_updates(checkpoint.state["params"], updates),
+                            "opt": opt}
+        snapshots[step] = jax.tree.map(np.asarray, checkpoint.state)
+        manager.save(checkpoint_number=step, metadata={"loss": loss})
+    assert manager.all_steps() == [2, 3]
+    manager.restore(2).assert_consumed()
+    restored = jax.tree.map(np.asarray, checkpoint.state)
+    assert jax.tree.structure(restored) == jax.tree.structure(snapshots[2])
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(snapshots[2]),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert int(np.asarray(checkpoint.state["opt"][0].count)) == 2
