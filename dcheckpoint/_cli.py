@@ -285,6 +285,10 @@ def _rm(args) -> int:
     for a checkpoint; then the state file drops the path (and moves "latest" back).
     """
     path = args.checkpoint.rstrip("/") or "/"
+    if not is_url(path) and os.path.islink(path):
+        # Deleting through a link would remove the marker of a checkpoint elsewhere.
+        raise UsageError(f"{path} is a symbolic link to {os.path.realpath(path)}; remove "
+                         "the link itself with `rm`, or name the checkpoint it points to")
     _read_checkpoint(path)  # a UsageError that says what the location is instead
     parent = path.rsplit("/", 1)[0] if is_url(path) else os.path.dirname(os.path.abspath(path))
     lock = None

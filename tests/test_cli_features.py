@@ -156,3 +156,11 @@ def test_rm_refuses_a_directory_a_live_manager_writes(run, capsys):
     assert err.startswith("dcheckpoint rm: ") and "CheckpointManager.delete(step)" in err
     assert (run / "ckpt-4" / METADATA_FILE).exists()
     del manager
+
+
+def test_rm_refuses_a_symbolic_link_and_keeps_its_target(run, tmp_path, capsys):
+    link = tmp_path / "link"
+    os.symlink(run / "ckpt-4", link)
+    assert main(["rm", str(link)]) == 2
+    assert "is a symbolic link to" in capsys.readouterr().err
+    assert (run / "ckpt-4" / METADATA_FILE).exists()
