@@ -291,6 +291,9 @@ def _rm(args) -> int:
                          "the link itself with `rm`, or name the checkpoint it points to")
     _read_checkpoint(path)  # a UsageError that says what the location is instead
     parent = path.rsplit("/", 1)[0] if is_url(path) else os.path.dirname(os.path.abspath(path))
+    if open_storage(parent).exists("manifest.json"):
+        raise UsageError(f"{path} holds the parameters of the exported artifact {parent}; "
+                         "it goes with its checkpoint (CheckpointManager.delete(step))")
     lock = None
     if not is_url(path):  # object stores have no writer lock (see docs/OBJECT_STORAGE.md)
         try:

@@ -98,6 +98,10 @@ def test_ls_lists_exported_artifacts(tmp_path, capsys):
     assert [r["name"] for r in out["checkpoints"]] == ["ckpt-2", "ckpt-3"]
     main(["ls", str(tmp_path)])
     assert "exported artifacts: savedmodel-2, savedmodel-3" in capsys.readouterr().out
+    # An artifact's parameters are a checkpoint too, but not one to rm on its own.
+    assert main(["rm", str(tmp_path / "savedmodel-3" / "params")]) == 2
+    assert "holds the parameters of the exported artifact" in capsys.readouterr().err
+    assert (tmp_path / "savedmodel-3" / "params" / METADATA_FILE).exists()
 
 
 def test_rm_deletes_and_updates_the_state_file(run, capsys):
