@@ -16,13 +16,15 @@ from __future__ import annotations
 import atexit
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from ._comm import default_communicator
 from ._engine import plan_save, snapshot, write_and_commit
-from ._options import CheckpointOptions
+from ._log import log_save
+from ._options import CheckpointOptions, run_write_callbacks
 
 __all__ = ["Saver"]
 
@@ -45,6 +47,7 @@ class Saver:
         object_graph: Any = None,
         options: CheckpointOptions | None = None,
         on_commit: Callable[[str], None] | None = None,
+        user_metadata: dict | None = None,
     ) -> str:
         """Saves ``arrays`` at ``directory``; see ``_engine.save_arrays``.
 
@@ -56,7 +59,9 @@ class Saver:
           CheckpointError: this save failed (sync), or the previous async save did.
         """
         options = options or CheckpointOptions()
+        called = time.perf_counter()
         self.sync()
+        started = time.perf_counter()
         comm = default_communicator()
         plan = plan_save(arrays, is_coordinator=comm.is_coordinator)
         if options.enable_async:
@@ -64,11 +69,17 @@ class Saver:
 
         def run() -> str:
             path = write_and_commit(directory, plan, object_graph=object_graph,
-                                    options=options, comm=comm)
+                                    options=options, comm=comm, user_metadata=user_metadata)
+            ended = time.perf_counter()
+            log_save(path, sum(m.nbytes for m in plan.arrays.values()), ended - started,
+                     blocked if options.enable_async else ended - called)
             if on_commit is not None:
                 on_commit(path)
+            run_write_callbacks(options, path)
             return path
 
+        # An async caller waits for the previous save and the snapshot; sync: for all.
+        blocked = time.perf_counter() - called
         future = _EXECUTOR.submit(run)
         if not options.enable_async:
             return future.result()

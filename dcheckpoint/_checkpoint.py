@@ -20,6 +20,7 @@ from dcheckpoint import _engine, _paths
 from dcheckpoint._async import Saver
 from dcheckpoint._comm import default_communicator
 from dcheckpoint._leaf import leaf_target
+from dcheckpoint._log import log_restore
 from dcheckpoint._plan import python_type
 from dcheckpoint._state_file import CheckpointState, get_checkpoint_state, write_checkpoint_state
 from dcheckpoint._status import CheckpointLoadStatus, InitializationOnlyStatus, MatchState
@@ -40,6 +41,7 @@ from dcheckpoint._tracking import (
     pytree_children,
     set_inner,
 )
+from dcheckpoint._user_metadata import check_user_metadata
 from dcheckpoint._variable import Variable
 from dcheckpoint.errors import CheckpointError, CheckpointMismatchError, CorruptCheckpointError
 
@@ -385,7 +387,7 @@ class Checkpoint(AutoTrackable):
         """Where values with no sharding of their own are restored: host numpy."""
         return None
 
-    def save(self, file_prefix: str, options=None) -> str:
+    def save(self, file_prefix: str, options=None, *, metadata=None) -> str:
         """Increments ``save_counter`` and writes ``f"{file_prefix}-{save_counter}"``.
 
         Once committed, the checkpoint is recorded as the latest in the directory's
@@ -394,31 +396,42 @@ class Checkpoint(AutoTrackable):
         retention: older checkpoints stay on disk and leave the state file's list
         (use a ``CheckpointManager`` to keep a list and delete old ones).
 
+        ``metadata``: as for :meth:`write`.
+
         Returns:
           The checkpoint path, to pass to ``restore``.
         """
+        check_user_metadata(metadata)  # before the counter moves: a refused save changes nothing
         counter = self.save_counter
         counter.assign(np.asarray(counter.value) + 1)
         path = f"{file_prefix}-{int(np.asarray(counter.value))}"
-        return self.write(path, options, on_commit=_record_latest)
+        return self.write(path, options, on_commit=_record_latest,
+                          metadata=metadata)
 
-    def write(self, file_prefix: str, options=None, *, on_commit=None) -> str:
+    def write(self, file_prefix: str, options=None, *, on_commit=None, metadata=None) -> str:
         """Writes one checkpoint at exactly ``file_prefix``; ``save_counter`` is untouched.
 
         Args:
           file_prefix: the checkpoint directory to create.
           options: ``CheckpointOptions`` (``enable_async`` returns before the write).
           on_commit: called with the path once the checkpoint is committed.
+          metadata: a small JSON dict stored with the checkpoint (metrics, config hash,
+            ...); ``read_metadata(path).user_metadata`` gives it back.
 
         Returns:
           ``file_prefix``.
+
+        Raises:
+          ValueError: ``metadata`` is not JSON or over 64 KiB (nothing is written).
         """
+        user_metadata = check_user_metadata(metadata)
         arrays, graph = flatten(self._dc_top())
         if _SAVE_COUNTER in arrays:
             # A host value: written once by the coordinator, whatever device holds it.
             arrays[_SAVE_COUNTER] = np.asarray(arrays[_SAVE_COUNTER])
         return self._dc_saver.save(
-            file_prefix, arrays, object_graph=graph, options=options, on_commit=on_commit
+            file_prefix, arrays, object_graph=graph, options=options, on_commit=on_commit,
+            user_metadata=user_metadata,
         )
 
     def restore(self, save_path: str | None, options=None):
@@ -444,7 +457,8 @@ class Checkpoint(AutoTrackable):
           The ``CheckpointLoadStatus``. Values whose object does not exist yet are
           restored when it is attached.
         """
-        del options
+        del options  # no CheckpointOptions field changes a restore (see README)
+        started = time.perf_counter()
         metadata = _engine.read_metadata(save_path)
         state = MatchState(checkpoint_paths=frozenset(), save_path=str(save_path))
         source = _Restorer(save_path, metadata, state, self._dc_host_target())
@@ -456,6 +470,8 @@ class Checkpoint(AutoTrackable):
                 self._dc_set_top(name, new)
         owner = self._dc_root if isinstance(self._dc_root, AutoTrackable) else self
         source.defer_missing(owner, top, root, "", "")
+        log_restore(save_path, sum(metadata.arrays[p].nbytes for p in state.consumed),
+                    time.perf_counter() - started)
         return CheckpointLoadStatus(state)
 
     def _dc_set_top(self, name: str, value) -> None:

@@ -3,18 +3,21 @@
   dcheckpoint ls DIR        the committed checkpoints in DIR, the latest marked
   dcheckpoint inspect CKPT  the tree of arrays of one checkpoint
   dcheckpoint verify CKPT   read every chunk back and check every checksum and coverage
+  dcheckpoint rm CKPT       delete one checkpoint the safe way (marker first)
 
 Each takes ``--json`` for scripts. Locations may be local paths or object store URLs
 (``s3://bucket/run``). Exit status: 0 success, 1 ``verify`` found problems, 2 the
-location is wrong (missing, not a checkpoint, unreadable) or the arguments are.
-Nothing here writes to storage.
+location is wrong (missing, not a checkpoint, unreadable, locked) or the arguments are.
+Only ``rm`` writes to storage.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -22,11 +25,19 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from ._engine import read_metadata
+from ._lock import DirectoryLock
 from ._metadata import METADATA_FILE, CheckpointMetadata
-from ._state_file import STATE_FILENAME, get_checkpoint_state, is_committed
-from ._storage import open_storage
+from ._state_file import (
+    STATE_FILENAME,
+    CheckpointState,
+    delete_checkpoint,
+    get_checkpoint_state,
+    is_committed,
+    write_checkpoint_state,
+)
+from ._storage import is_url, open_storage
 from ._verify import chunk_count, verify
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointLockedError
 
 __all__ = ["main"]
 
@@ -58,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcheckpoint", description="See and check dcheckpoint checkpoints."
     )
+    parser.add_argument("--version", action="version", version=f"dcheckpoint {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ls = commands.add_parser("ls", parents=[common], help="list the checkpoints of DIR")
     ls.add_argument("directory", metavar="DIR")
@@ -70,7 +82,18 @@ def _parser() -> argparse.ArgumentParser:
                                 help="read every chunk back and check it (exit 1 if bad)")
     check.add_argument("checkpoint", metavar="CKPT")
     check.set_defaults(run=_verify)
+    rm = commands.add_parser("rm", parents=[common],
+                             help="delete one checkpoint (marker first; updates the state file)")
+    rm.add_argument("checkpoint", metavar="CKPT")
+    rm.set_defaults(run=_rm)
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("dcheckpoint")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "unknown (not installed)"
 
 
 # -- ls ------------------------------------------------------------------------------
@@ -99,26 +122,62 @@ def _ls(args) -> int:
             "save_time": meta.save_time,
             "bytes": sum(a.nbytes for a in meta.arrays.values()),
             "arrays": len(meta.arrays),
+            "metadata": meta.user_metadata,
+            # Outside the managed list yet committed: kept for good by
+            # keep_checkpoint_every_n_hours (or written by another manager or by hand).
+            "kept": state is not None and storage.join(name) not in
+            state.all_model_checkpoint_paths,
         })
     rows.sort(key=lambda r: (r["number"] is None, r["number"] or 0, r["save_time"], r["name"]))
     latest = _latest(rows, state)
     for row in rows:
         row["latest"] = row["path"] == latest
+        row["kept"] = row["kept"] and not row["latest"]
+    artifacts = _artifacts(storage, names)
     if args.json:
-        print(json.dumps({"directory": directory, "latest": latest, "checkpoints": rows},
-                         indent=1))
+        print(json.dumps({"directory": directory, "latest": latest, "checkpoints": rows,
+                          "artifacts": artifacts}, indent=1))
         return EXIT_OK
     if not rows:
         print(f"{directory}: no committed checkpoints")
+        _print_artifacts(artifacts)
         return EXIT_OK
-    table = [("", "NUMBER", "SAVED (UTC)", "SIZE", "ARRAYS", "NAME")]
+    table = [("", "NUMBER", "SAVED (UTC)", "SIZE", "ARRAYS", "NAME", "METADATA")]
     for r in rows:
-        table.append(("*" if r["latest"] else "", "-" if r["number"] is None else str(
-            r["number"]), _time(r["save_time"]), _bytes(r["bytes"]), str(r["arrays"]),
-            r["name"]))
+        table.append(("*" if r["latest"] else "k" if r["kept"] else "",
+                      "-" if r["number"] is None else str(r["number"]), _time(r["save_time"]),
+                      _bytes(r["bytes"]), str(r["arrays"]), r["name"],
+                      _metadata_text(r["metadata"])))
     _print_table(table)
     print("* latest" + (" (from the state file)" if state else " (most recently saved)"))
+    if any(r["kept"] for r in rows):
+        print("k kept outside the managed list (keep_checkpoint_every_n_hours)")
+    _print_artifacts(artifacts)
     return EXIT_OK
+
+
+def _artifacts(storage, names: list[str]) -> list[dict]:
+    """ExportingCheckpointManager's committed serving artifacts (``<name>-N/manifest.json``)."""
+    found = []
+    for name in names:
+        match = _NUMBER.search(name)
+        if match and storage.exists(f"{name}/manifest.json"):
+            found.append({"path": storage.join(name), "name": name,
+                          "number": int(match.group(1))})
+    return sorted(found, key=lambda a: (a["name"].rsplit("-", 1)[0], a["number"]))
+
+
+def _print_artifacts(artifacts: list[dict]) -> None:
+    if artifacts:
+        print(f"exported artifacts: {', '.join(a['name'] for a in artifacts)}")
+
+
+def _metadata_text(metadata: dict | None, width: int = 60) -> str:
+    """The per-save metadata as compact JSON, cut to ``width`` characters."""
+    if not metadata:
+        return ""
+    text = json.dumps(metadata, sort_keys=True, separators=(",", ":"))
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _latest(rows: list[dict], state) -> str | None:
@@ -151,7 +210,8 @@ def _inspect(args) -> int:
     total = sum(a["bytes"] for a in arrays)
     if args.json:
         print(json.dumps({"path": path, "save_time": meta.save_time, "writer": meta.writer,
-                          "bytes": total, "arrays": arrays}, indent=1))
+                          "bytes": total, "user_metadata": meta.user_metadata,
+                          "arrays": arrays}, indent=1))
         return EXIT_OK
     print(f"{path}: {len(arrays)} arrays, {_bytes(total)}, saved {_time(meta.save_time)} "
           f"UTC by {meta.writer.get('process_count', '?')} process(es)")
@@ -167,6 +227,8 @@ def _inspect(args) -> int:
         table.append(("  " * len(groups) + leaf, "x".join(map(str, a["shape"])) or "()",
                       a["dtype"], a["layout_text"], _bytes(a["bytes"])))
     _print_table(table)
+    if meta.user_metadata is not None:
+        print(f"metadata: {json.dumps(meta.user_metadata, sort_keys=True)}")
     return EXIT_OK
 
 
@@ -209,6 +271,77 @@ def _verify(args) -> int:
         print(f"{path}: {verdict} ({report.arrays_checked} arrays, "
               f"{report.chunks_checked} chunks, {_bytes(report.bytes_read)} read)")
     return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+# -- rm ------------------------------------------------------------------------------
+
+
+def _rm(args) -> int:
+    """Deletes one committed checkpoint, as ``CheckpointManager.delete`` would.
+
+    Refuses anything without a metadata file (a directory of checkpoints, an interrupted
+    save, any other directory), and a directory a live manager holds the writer lock of.
+    The commit marker goes first, so a deletion cut short leaves nothing a reader takes
+    for a checkpoint; then the state file drops the path (and moves "latest" back).
+    """
+    path = args.checkpoint.rstrip("/") or "/"
+    if not is_url(path) and os.path.islink(path):
+        # Deleting through a link would remove the marker of a checkpoint elsewhere.
+        raise UsageError(f"{path} is a symbolic link to {os.path.realpath(path)}; remove "
+                         "the link itself with `rm`, or name the checkpoint it points to")
+    _read_checkpoint(path)  # a UsageError that says what the location is instead
+    parent = path.rsplit("/", 1)[0] if is_url(path) else os.path.dirname(os.path.abspath(path))
+    if open_storage(parent).exists("manifest.json"):
+        raise UsageError(f"{path} holds the parameters of the exported artifact {parent}; "
+                         "it goes with its checkpoint (CheckpointManager.delete(step))")
+    lock = None
+    if not is_url(path):  # object stores have no writer lock (see docs/OBJECT_STORAGE.md)
+        try:
+            lock = DirectoryLock(parent).acquire()
+        except CheckpointLockedError as error:
+            raise UsageError(f"{error}; stop that job, or delete from it with "
+                             "CheckpointManager.delete(step)") from None
+    try:
+        delete_checkpoint(path)
+        state_updated = _forget_in_state(parent, path)
+    finally:
+        if lock is not None:
+            lock.release()
+    if args.json:
+        print(json.dumps({"deleted": path, "state_file_updated": state_updated}))
+    else:
+        print(f"deleted {path}" + (f" and updated {STATE_FILENAME} in {parent}"
+                                   if state_updated else ""))
+    return EXIT_OK
+
+
+def _forget_in_state(directory: str, path: str) -> bool:
+    """Drops ``path`` from ``directory``'s state file; returns whether it was there."""
+    state = get_checkpoint_state(directory)
+    if state is None:
+        return False
+
+    def same(a: str) -> bool:
+        return a == path if is_url(path) else os.path.abspath(a) == os.path.abspath(path)
+
+    kept = [(p, t) for p, t in zip(state.all_model_checkpoint_paths,
+                                   state.all_model_checkpoint_timestamps or
+                                   [state.last_preserved_timestamp] * len(
+                                       state.all_model_checkpoint_paths), strict=True)
+            if not same(p)]
+    if len(kept) == len(state.all_model_checkpoint_paths) and not same(
+            state.model_checkpoint_path):
+        return False
+    latest = state.model_checkpoint_path
+    if same(latest):
+        latest = kept[-1][0] if kept else None
+    if latest is None:
+        open_storage(directory).remove(STATE_FILENAME)
+    else:
+        write_checkpoint_state(directory, CheckpointState(
+            latest, tuple(p for p, _ in kept), tuple(t for _, t in kept),
+            state.last_preserved_timestamp))
+    return True
 
 
 # -- shared --------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import numpy as np
 from . import _tensorstore as tsio
 from . import errors
 from ._comm import Communicator, default_communicator
+from ._log import log_save
 from ._metadata import (
     MAX_METADATA_BYTES,
     METADATA_FILE,
@@ -73,10 +74,14 @@ def save_arrays(
     Raises:
       CheckpointError: on every process, if any process failed to write.
     """
+    started = time.perf_counter()
     comm = comm or default_communicator()
     plan = plan_save(arrays, is_coordinator=comm.is_coordinator)
-    return write_and_commit(directory, plan, object_graph=object_graph, options=options,
+    path = write_and_commit(directory, plan, object_graph=object_graph, options=options,
                             comm=comm)
+    seconds = time.perf_counter() - started
+    log_save(path, sum(m.nbytes for m in plan.arrays.values()), seconds, seconds)
+    return path
 
 
 def snapshot(plan: SavePlan) -> SavePlan:
@@ -115,8 +120,12 @@ def write_and_commit(
     object_graph: Any = None,
     options: CheckpointOptions | None = None,
     comm: Communicator | None = None,
+    user_metadata: dict | None = None,
 ) -> str:
-    """Steps 1-5 of the save protocol for an already planned save."""
+    """Steps 1-5 of the save protocol for an already planned save.
+
+    ``user_metadata``: the caller's checked JSON dict, stored in the metadata file.
+    """
     options = options or CheckpointOptions()
     comm = comm or default_communicator()
     timeout = options.timeout_secs
@@ -149,7 +158,8 @@ def write_and_commit(
             reports = [json.loads(m) for m in manifests]
             _check_manifests(plan, reports)
             object_graph = record_process_values(object_graph, reports)
-            _commit(target, staged, plan, object_graph, options.compression, comm)
+            _commit(target, staged, plan, object_graph, options.compression, comm,
+                    user_metadata=user_metadata)
             outcome = {"path": directory}
         except Exception as e:
             staged.remove_tree()  # every writer is done (they sent their manifests)
@@ -224,7 +234,8 @@ def _check_manifests(plan: SavePlan, reports: list[dict]) -> None:
             )
 
 
-def _commit(target, staged, plan: SavePlan, object_graph, compression, comm) -> None:
+def _commit(target, staged, plan: SavePlan, object_graph, compression, comm, *,
+            user_metadata=None) -> None:
     """(coordinator) Zarr metadata, group nodes, metadata file, fsync, publish."""
     # Plain writes, not TensorStore's create-if-absent: see tsio.array_node.
     tsio.write_files(staged.kvstore_spec(), {
@@ -247,6 +258,7 @@ def _commit(target, staged, plan: SavePlan, object_graph, compression, comm) -> 
             "hostname": socket.gethostname(),
             "jax_version": jax.__version__,
         },
+        user_metadata=user_metadata,
     )
     fsync_tree(staged.path)
     staged.write_bytes_atomic(METADATA_FILE, encode_metadata(meta))

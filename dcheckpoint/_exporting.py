@@ -30,6 +30,7 @@ from ._manager import CheckpointManager, _iterate, _wait_for_new
 from ._options import CheckpointOptions
 from ._state_file import delete_checkpoint
 from ._storage import LocalStorage
+from ._user_metadata import check_user_metadata
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
 __all__ = ["ExportingCheckpointManager", "LoadedSavedModel", "load_savedmodel"]
@@ -77,6 +78,9 @@ class ExportingCheckpointManager(CheckpointManager):
         that ``jax.export`` can serialize its structure.
       input_specs: one ``jax.ShapeDtypeStruct`` (or pytree of them) per input; shapes
         may use ``jax.export.symbolic_shape`` dimensions (e.g. a free batch size).
+      best_fn, best_mode: as :class:`CheckpointManager`; an artifact goes with its
+        checkpoint. (``save_on_preemption`` is not offered here: an export on the way
+        out would spend the grace period.)
       savedmodel_name: artifacts are ``<directory>/<savedmodel_name>-<N>``.
       platforms: platforms to export for (``jax.export``'s argument); default: the
         current backend.
@@ -98,6 +102,8 @@ class ExportingCheckpointManager(CheckpointManager):
         input_specs,
         savedmodel_name="savedmodel",
         platforms=None,
+        best_fn=None,
+        best_mode="max",
     ):
         if "://" in os.fspath(directory):
             raise ValueError(
@@ -123,10 +129,15 @@ class ExportingCheckpointManager(CheckpointManager):
             step_counter=step_counter,
             checkpoint_interval=checkpoint_interval,
             init_fn=init_fn,
+            best_fn=best_fn,
+            best_mode=best_mode,
         )
 
-    def save(self, checkpoint_number=None, check_interval=True, options=None) -> str | None:
+    def save(self, checkpoint_number=None, check_interval=True, options=None, *,
+             metadata=None) -> str | None:
         """Exports artifact ``N``, then saves checkpoint ``N``; see CheckpointManager.save."""
+        metadata = check_user_metadata(metadata)  # refused before the export, too
+        self._check_metric(checkpoint_number, metadata)
         number = self._next_number(checkpoint_number, check_interval)
         if number is None:
             return None
@@ -135,7 +146,7 @@ class ExportingCheckpointManager(CheckpointManager):
         self._checkpoint.sync()
         artifact = self._export(number, options or CheckpointOptions())
         try:
-            return self._write(number, options)
+            return self._write(number, options, metadata)
         except Exception:
             # Every process raises the same save error (a planning error is the same
             # everywhere too); artifact N must not outlive the
@@ -232,20 +243,14 @@ class ExportingCheckpointManager(CheckpointManager):
         existing = self.get_existing_savedmodels()
         return existing[-1] if existing else None
 
-    def get_savedmodel_number_from_path(self, path) -> int:
-        """``N`` of ``.../<savedmodel_name>-N``.
+    def get_savedmodel_number_from_path(self, path) -> int | None:
+        """``N`` of ``.../<savedmodel_name>-N``, or None when the path names no artifact.
 
-        Raises:
-          ValueError: the path's last component is not ``<savedmodel_name>-<number>``.
+        None, not an error, as TF's: callers filter directory listings with it.
         """
         name = os.path.basename(os.path.normpath(os.fspath(path)))
         match = self._savedmodel_pattern.match(name)
-        if match is None:
-            raise ValueError(
-                f"Path {path!r} does not name an artifact: expected its last component "
-                f"to be {self._savedmodel_name}-<number>, found {name!r}"
-            )
-        return int(match.group(1))
+        return int(match.group(1)) if match else None
 
     def wait_for_new_savedmodel(self, last_savedmodel, seconds_to_sleep=1.0, timeout=None):
         """Waits for a latest artifact other than ``last_savedmodel``; None on timeout."""

@@ -21,14 +21,19 @@ import collections
 import dataclasses
 import json
 import logging
+import numbers
 import os
 import threading
 import time
 import weakref
 
+from ._best import check_best_fn, metric_of
 from ._comm import default_communicator
 from ._lock import DirectoryLock
+from ._manager_extras import ManagerExtras
+from ._manager_extras import evaluate_counter as _evaluate
 from ._options import CheckpointOptions
+from ._preemption import PreemptionWatcher
 from ._state_file import (
     CheckpointState,
     delete_checkpoint,
@@ -39,6 +44,7 @@ from ._state_file import (
     write_checkpoint_state,
 )
 from ._storage import open_storage
+from ._user_metadata import check_user_metadata
 from .errors import CheckpointError
 
 __all__ = ["CheckpointManager", "checkpoints_iterator", "wait_for_new_checkpoint"]
@@ -103,13 +109,7 @@ def _decode_start(directory: str, reply: bytes) -> CheckpointState:
     )
 
 
-def _evaluate(counter) -> int:
-    """The integer value of a step counter: a Variable, an array or a Python int."""
-    value = counter.value if hasattr(counter, "value") else counter
-    return int(value)
-
-
-class CheckpointManager:
+class CheckpointManager(ManagerExtras):
     """Keeps the newest checkpoints of one directory and deletes the others.
 
     As ``tf.train.CheckpointManager``, including across instantiations: a new manager
@@ -130,10 +130,21 @@ class CheckpointManager:
         needed for ``checkpoint_interval``.
       checkpoint_interval: minimum number of steps between saves.
       init_fn: called by :meth:`restore_or_initialize` when there is nothing to restore.
+      best_fn: keep the best instead of the newest: ``best_fn(metadata) -> number`` of
+        each save's metadata dict (``save(metadata=...)`` plus ``"step"``). Retention
+        keeps the ``max_to_keep`` best, plus always the latest (so a job can resume);
+        ``keep_checkpoint_every_n_hours`` applies to the ones it drops. A new manager
+        reads the metric back from each checkpoint's metadata.
+      best_mode: ``"max"`` (higher is better, e.g. accuracy) or ``"min"`` (loss).
+      save_on_preemption: on a preemption notice (SIGTERM, or JAX's preemption sync
+        manager on clusters), ``save()`` saves at the step every process agrees on,
+        waits for the commit and exits the program with ``SystemExit(0)``. See
+        :meth:`reached_preemption`.
 
     Raises:
-      ValueError: ``max_to_keep`` is not positive, or ``checkpoint_interval`` is given
-        without ``step_counter``.
+      ValueError: ``max_to_keep`` is not positive, ``checkpoint_interval`` is given
+        without ``step_counter``, or ``best_fn``/``best_mode`` are malformed.
+      TypeError: ``max_to_keep`` is not an int or None (a bool or float).
     """
 
     def __init__(
@@ -146,11 +157,13 @@ class CheckpointManager:
         step_counter=None,
         checkpoint_interval=None,
         init_fn=None,
+        *,
+        best_fn=None,
+        best_mode="max",
+        save_on_preemption=False,
     ):
-        if max_to_keep is not None and max_to_keep <= 0:
-            raise ValueError(
-                f"max_to_keep must be positive or None (keep all), got {max_to_keep!r}"
-            )
+        max_to_keep = _check_max_to_keep(max_to_keep)
+        check_best_fn(best_fn, best_mode)
         if checkpoint_interval is not None and step_counter is None:
             raise ValueError(
                 "`step_counter` should be passed if `checkpoint_interval` is not None."
@@ -170,7 +183,19 @@ class CheckpointManager:
         self._lock = threading.Lock()
         self._writer_lock = None
         self._release_lock = lambda: None
+        self._best_fn, self._best_mode = best_fn, best_mode
+        self._metrics: dict[str, float | None] = {}  # best_fn's value per path
+        self._save_calls = 0
         self._start()
+        # After the start collective, so every process builds the watcher at one point.
+        self._preemption = (
+            PreemptionWatcher(self._comm, timeout_secs=CheckpointOptions().timeout_secs)
+            if save_on_preemption else None
+        )
+        if self._preemption is not None:
+            # A dropped manager gives SIGTERM back; otherwise the signal would only set
+            # a flag nobody reads any more.
+            weakref.finalize(self, self._preemption.close)
 
     def _start(self) -> None:
         """Locks and cleans the directory and decides the managed list (coordinator),
@@ -310,7 +335,8 @@ class CheckpointManager:
             checkpoint_number = _evaluate(save_counter)
         return _evaluate(checkpoint_number)
 
-    def save(self, checkpoint_number=None, check_interval=True, options=None) -> str | None:
+    def save(self, checkpoint_number=None, check_interval=True, options=None, *,
+             metadata=None) -> str | None:
         """Saves a checkpoint numbered as TF's manager does, then applies retention.
 
         Args:
@@ -321,18 +347,38 @@ class CheckpointManager:
             not change at all).
           options: :class:`~dcheckpoint.CheckpointOptions`; async saves return at once
             and retention runs after the background commit.
+          metadata: a small JSON dict stored in the checkpoint (metrics, config hash,
+            ...), with ``"step"`` (the checkpoint number) added unless given;
+            ``read_metadata(path).user_metadata`` reads it back. Pass the same dict on
+            every process: the coordinator's is stored, and ``best_fn`` must rank
+            alike everywhere.
 
         Returns:
           The checkpoint's path, or None when the interval said not yet.
-        """
-        number = self._next_number(checkpoint_number, check_interval)
-        if number is None:
-            return None
-        return self._write(number, options)
 
-    def _write(self, number: int, options) -> str:
+        Raises:
+          ValueError: ``metadata`` is not JSON or too big, or ``best_fn`` returned no
+            number; nothing was saved.
+          SystemExit: with ``save_on_preemption``, after the preemption save committed.
+        """
+        metadata = check_user_metadata(metadata)
+        self._check_metric(checkpoint_number, metadata)
+        preempted = self._check_preemption(checkpoint_number)
+        number = self._next_number(checkpoint_number, check_interval and not preempted)
+        path = None if number is None else self._write(number, options, metadata)
+        if preempted:
+            self._exit_preempted(path)
+        return path
+
+    def _write(self, number: int, options, metadata=None) -> str:
         prefix = f"{self._prefix}-{number}"
-        return self._checkpoint.write(prefix, options=options, on_commit=self._on_commit)
+        metadata = {"step": number, **(metadata or {})}
+        if self._best_fn is not None:
+            metric = metric_of(self._best_fn, metadata, where=prefix)
+            with self._lock:
+                self._metrics[prefix] = metric
+        return self._checkpoint.write(prefix, options=options, on_commit=self._on_commit,
+                                      metadata=metadata)
 
     def _on_commit(self, save_path: str) -> None:
         """Step 3 of the protocol (all processes; state file and deletions: coordinator)."""
@@ -371,6 +417,8 @@ class CheckpointManager:
 
     def _sweep(self) -> bool:
         """Drops checkpoints beyond ``max_to_keep``; returns whether any left the list."""
+        if self._best_fn is not None:
+            return self._sweep_best()
         if not self._max_to_keep or len(self._maybe_delete) <= self._max_to_keep:
             return False
         hours = self._keep_checkpoint_every_n_hours
@@ -388,6 +436,22 @@ class CheckpointManager:
         """Deletes one checkpoint from disk (coordinator); subclasses delete more."""
         if delete_checkpoint(path):
             logger.info("deleted old checkpoint %s", path)
+
+
+def _check_max_to_keep(max_to_keep):
+    """TF's rule: a positive int, or None to keep all; a bool or float is refused."""
+    if max_to_keep is None:
+        return None
+    if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, numbers.Integral):
+        raise TypeError(
+            f"max_to_keep must be a positive int or None (keep all), got {max_to_keep!r} "
+            f"({type(max_to_keep).__name__})"
+        )
+    if max_to_keep <= 0:
+        raise ValueError(
+            f"max_to_keep must be positive or None (keep all), got {max_to_keep!r}"
+        )
+    return int(max_to_keep)
 
 
 def wait_for_new_checkpoint(

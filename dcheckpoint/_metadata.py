@@ -96,6 +96,8 @@ class CheckpointMetadata:
     save_time: float = 0.0
     writer: dict = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    # The caller's small JSON dict (``save(..., metadata=...)``); None when none was given.
+    user_metadata: dict | None = None
 
 
 def dtype_from_name(name: object, *, array: str) -> np.dtype:
@@ -128,6 +130,8 @@ def encode_metadata(meta: CheckpointMetadata) -> bytes:
         },
         "object_graph": meta.object_graph,
     }
+    if meta.user_metadata is not None:
+        body["user_metadata"] = meta.user_metadata
     doc = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -176,12 +180,16 @@ def decode_metadata(data: bytes, *, source: str) -> CheckpointMetadata:
     writer = body.get("writer", {})
     if not isinstance(save_time, (int, float)) or not isinstance(writer, dict):
         raise CorruptCheckpointError(f"{source}: malformed 'save_time' or 'writer'")
+    user_metadata = body.get("user_metadata")
+    if user_metadata is not None and not isinstance(user_metadata, dict):
+        raise CorruptCheckpointError(f"{source}: 'user_metadata' must be an object or absent")
     return CheckpointMetadata(
         arrays=parsed,
         object_graph=body.get("object_graph"),
         save_time=float(save_time),
         writer=writer,
         format_version=version,
+        user_metadata=user_metadata,
     )
 
 

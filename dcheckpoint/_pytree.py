@@ -9,6 +9,7 @@ the other wrote under the user's own keys.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from jax.tree_util import SequenceKey
 from mesh import Mesh
 
 from ._engine import read_metadata, restore_arrays, save_arrays
+from ._log import log_restore
 from ._metadata import ArrayMetadata, CheckpointMetadata
 from ._options import CheckpointOptions
 from ._paths import join_path, unescape
@@ -123,9 +125,12 @@ def restore_pytree(path: str, target: Any = None) -> Any:
       CheckpointMismatchError: the checkpoint lacks a leaf of ``target``, disagrees on
         a shape or dtype, or a target sharding does not divide the saved shape.
     """
+    started = time.perf_counter()
     metadata = read_metadata(path)
     if target is None:
         values = restore_arrays(path, dict.fromkeys(metadata.arrays), metadata=metadata)
+        log_restore(path, sum(m.nbytes for m in metadata.arrays.values()),
+                    time.perf_counter() - started)
         return _as_saved(metadata, values, source=str(path))
     named, treedef = _flatten(target)
     aliases = {}
@@ -152,6 +157,8 @@ def restore_pytree(path: str, target: Any = None) -> Any:
             leaves.append(read[saved[name]])
         else:
             leaves.append(restore_arrays(path, {saved[name]: leaf}, metadata=metadata)[saved[name]])
+    log_restore(path, sum(metadata.arrays[s].nbytes for s in first),
+                time.perf_counter() - started)
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 

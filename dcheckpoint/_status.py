@@ -117,6 +117,14 @@ class CheckpointLoadStatus:
         self._state.partial = True
         return self
 
+    def run_restore_ops(self, session=None) -> None:
+        """TF's graph-mode call; restores here happen at once, so it does nothing."""
+        del session
+
+    def initialize_or_restore(self, session=None) -> None:
+        """TF's graph-mode call; restores here happen at once, so it does nothing."""
+        del session
+
     def __repr__(self) -> str:
         return (
             f"CheckpointLoadStatus(save_path={self._state.save_path!r}, "
@@ -149,3 +157,11 @@ class InitializationOnlyStatus:
     def expect_partial(self) -> InitializationOnlyStatus:
         """Does nothing; returns the status."""
         return self
+
+    def run_restore_ops(self, session=None) -> None:
+        """Does nothing: there is nothing to restore (TF's eager no-op)."""
+        del session
+
+    def initialize_or_restore(self, session=None) -> None:
+        """Does nothing: variables are initialised when created (TF's eager no-op)."""
+        del session

@@ -1,11 +1,16 @@
-"""The demo: preempt a 2-host training job with SIGKILL, resume it on another mesh, compare.
+"""The demo: preempt a 2-host training job (SIGKILL, then SIGTERM), resume it on another
+mesh, compare.
 
 1. Start ``scripts/train.py`` as 2 processes x 4 CPU devices on a (4, 2) mesh.
 2. Once a checkpoint at or past ``--preempt-after`` is committed, SIGKILL every rank
-   (a real preemption: no handler runs, an async save may be half written).
+   (a hard kill: no handler runs, an async save may be half written).
 3. Resume the same directory with 1 process x 8 devices on a (2, 4) mesh, to the end.
-4. Run the same job uninterrupted (2 x 4 devices, (4, 2) mesh) in a fresh directory.
-5. Compare final parameters and loss bit for bit, and print a short summary.
+4. Start the job again in a fresh directory with ``--save-on-preemption`` and, past step
+   ``--preempt-after``, send SIGTERM (a preemption notice) to rank 1 only: both ranks
+   agree on one step, save there, and exit 0. Resume that on 1 x 8 devices too.
+5. Run the same job uninterrupted (2 x 4 devices, (4, 2) mesh) in a fresh directory.
+6. Compare both resumed runs' final parameters and loss with it bit for bit, and print
+   a short summary.
 
 Usage: ``.venv/bin/python scripts/demo.py [--steps 60 --save-every 10 ...]``.
 Exit status 0 when the resumed run matches the uninterrupted one exactly, 1 otherwise.
@@ -33,6 +38,7 @@ TRAIN = REPO_ROOT / "scripts" / "train.py"
 _PIDS = re.compile(r"\[train\] pids ([\d ]+)")
 _COMMITTED = re.compile(r"\[train\] committed ckpt-(\d+)")
 _STEP = re.compile(r"\[train\] step (\d+) ")
+_PREEMPTED = re.compile(r"\[train\] preempted: saved at step (\d+)")
 RESULT_MARKER = "RESULT "
 
 
@@ -48,7 +54,7 @@ class Job:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         self.name, self.pids, self.result, self.other_lines = name, [], None, 0
-        self.last_step, self.committed = 0, []
+        self.last_step, self.committed, self.preemption_step = 0, [], None
         self._on_line = None
         self.process = subprocess.Popen(
             command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -77,6 +83,8 @@ class Job:
                 self.last_step = int(match[1])
             if match := _COMMITTED.search(line):
                 self.committed.append(int(match[1]))
+            if match := _PREEMPTED.search(line):
+                self.preemption_step = int(match[1])
             if self._echo(line):
                 print(f"  {self.name:>13} | {line}", flush=True)
             if self._on_line is not None:
@@ -125,6 +133,40 @@ def run_preempted(directory: Path, args) -> dict:
             "committed": job.committed, "on_disk": on_disk}  # fmt: skip
 
 
+def run_sigtermed(directory: Path, args) -> dict:
+    """Phase 3: 2 x 4 devices on (4, 2), ``--save-on-preemption``, SIGTERM to rank 1 only."""
+    print(f"\n== 3. train again on 2 processes x 4 devices, saving on preemption; at step "
+          f">= {args.preempt_after} send SIGTERM to rank 1 only")  # fmt: skip
+    sent: list[int] = []
+
+    def watch(job: Job, line: str) -> None:
+        match = _STEP.search(line)
+        if match and int(match[1]) >= args.preempt_after and not sent:
+            # A preemption notice on one host: the ranks must still agree on one step.
+            sent.extend([_signal(job.pids[1], signal.SIGTERM), int(match[1])])
+
+    train_args = _train_args(directory, args, "4x2", args.step_sleep)
+    job = Job("sigtermed", 2, 4, [*train_args, "--save-on-preemption"])
+    job.start(watch)
+    code = job.wait()
+    if not sent or job.preemption_step is None:
+        raise SystemExit(f"demo: the job ended (exit {code}) without a preemption save; "
+                         "raise --step-sleep or lower --preempt-after")  # fmt: skip
+    print(f"  SIGTERM to rank 1 (pid {sent[0]}) after step {sent[1]}; both ranks saved at "
+          f"step {job.preemption_step} and exited {code}")  # fmt: skip
+    return {"sigterm_pid": sent[0], "sigterm_after_step": sent[1], "exit_code": code,
+            "last_step": job.last_step,
+            "committed": job.committed, "preemption_step": job.preemption_step}
+
+
+def _signal(pid: int, signum: int) -> int:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+    return pid
+
+
 def _sigkill(pid: int) -> int:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -171,30 +213,48 @@ def compare(resumed: dict, uninterrupted: dict) -> dict:
 
 
 def run_scenario(args, workdir: Path) -> dict:
-    """Runs phases 1-4 in ``workdir`` and returns every fact the summary reports."""
+    """Runs every phase in ``workdir`` and returns every fact the summary reports."""
     started = time.monotonic()
     preempted = run_preempted(workdir / "run", args)
     print("\n== 2. resume the same directory on 1 process x 8 devices, mesh (2, 4)")
     resumed, resumed_params = run_to_end("resumed", workdir / "run", args, 1, 8, "2x4")
-    print("\n== 3. the same job, uninterrupted, on 2 processes x 4 devices, mesh (4, 2)")
+    sigtermed = run_sigtermed(workdir / "sigterm", args)
+    print("\n== 4. resume the SIGTERMed directory on 1 process x 8 devices, mesh (2, 4)")
+    resumed_term, resumed_term_params = run_to_end(
+        "resumed (TERM)", workdir / "sigterm", args, 1, 8, "2x4"
+    )
+    print("\n== 5. the same job, uninterrupted, on 2 processes x 4 devices, mesh (4, 2)")
     baseline, baseline_params = run_to_end(
         "uninterrupted", workdir / "baseline", args, 2, 4, "4x2"
     )
     comparison = compare(resumed_params, baseline_params)
+    comparison_term = compare(resumed_term_params, baseline_params)
     return {
         "preempted": preempted,
         "resumed": resumed,
+        "sigtermed": sigtermed,
+        "resumed_sigterm": resumed_term,
         "uninterrupted": baseline,
         "params_identical": all(comparison["identical"].values()),
         "loss_identical": resumed["loss_hex"] == baseline["loss_hex"],
+        "sigterm_params_identical": all(comparison_term["identical"].values()),
+        "sigterm_loss_identical": resumed_term["loss_hex"] == baseline["loss_hex"],
+        "sigterm_max_abs_diff": comparison_term["max_abs_diff"],
         **comparison,
         "seconds": round(time.monotonic() - started, 1),
     }
 
 
+def matched(facts: dict) -> bool:
+    """Both resumed runs equal the uninterrupted one, bit for bit."""
+    return all(facts[k] for k in ("params_identical", "loss_identical",
+                                  "sigterm_params_identical", "sigterm_loss_identical"))
+
+
 def summarize(facts: dict) -> str:
     p, r, u = facts["preempted"], facts["resumed"], facts["uninterrupted"]
-    match = facts["params_identical"] and facts["loss_identical"]
+    t, rt = facts["sigtermed"], facts["resumed_sigterm"]
+    match = matched(facts)
     lines = [
         "",
         "== Summary",
@@ -208,6 +268,12 @@ def summarize(facts: dict) -> str:
         f"({', '.join(facts['identical'])}; max |diff| {facts['max_abs_diff']:g})",
         f"  loss      : {'bit-identical' if facts['loss_identical'] else 'DIFFERENT'} "
         f"({r['loss_hex']} vs {u['loss_hex']})",
+        f"  SIGTERM   : 2 proc x 4 dev, notice to rank 1 only after step "
+        f"{t['sigterm_after_step']}; both ranks agreed, saved ckpt-{t['preemption_step']}, "
+        f"exited {t['exit_code']}",
+        f"  resumed   : 1 proc x 8 dev from step {rt['start_step']} to {rt['step']}: params "
+        f"{'bit-identical' if facts['sigterm_params_identical'] else 'DIFFERENT'}, loss "
+        f"{'bit-identical' if facts['sigterm_loss_identical'] else 'DIFFERENT'}",
         "  why exact : same (seed, step) batches on every mesh, and every cross-device sum is"
         " added in one fixed order (scripts/train.py)",
         f"  result    : {'MATCH' if match else 'MISMATCH'} in {facts['seconds']} s",
@@ -244,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     print(summarize(facts), flush=True)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(facts, indent=2))
-    return 0 if facts["params_identical"] and facts["loss_identical"] else 1
+    return 0 if matched(facts) else 1
 
 
 if __name__ == "__main__":

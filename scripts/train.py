@@ -255,6 +255,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "outside preemption can land mid-run)",
     )  # fmt: skip
     parser.add_argument("--final-out", help="write the final parameters here (.npz, process 0)")
+    parser.add_argument(
+        "--save-on-preemption", action="store_true",
+        help="on SIGTERM (a preemption notice), save at the step every process agrees on "
+        "and exit 0",
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -283,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt, args.dir, max_to_keep=args.max_to_keep, step_counter=step,
         checkpoint_interval=args.save_every,
         init_fn=lambda: model.assign(initial_params(cfg)),
+        save_on_preemption=args.save_on_preemption,
     )  # fmt: skip
     restored = manager.restore_or_initialize()
     data = ckpt.data  # a restore rebuilds numpy leaves as arrays and re-assigns the dict
@@ -306,7 +312,12 @@ def main(argv: list[str] | None = None) -> dict:
         step.assign(np.int32(s + 1))
         data["position"] = np.int32(int(data["position"]) + 1)
         log(f"step {s + 1} loss {float(loss):.6f}")
-        committed = _save(manager, s + 1, options, committed, final=s + 1 == args.steps)
+        try:
+            committed = _save(manager, s + 1, options, committed, final=s + 1 == args.steps)
+        except SystemExit:  # save_on_preemption: the agreed step is saved and committed
+            _log_commit(manager, committed)
+            log(f"preempted: saved at step {manager.latest_step()}, exiting cleanly")
+            raise
         time.sleep(args.step_sleep)
     manager.sync()
     _log_commit(manager, committed)

@@ -53,8 +53,8 @@ def test_ls_lists_committed_checkpoints_and_marks_the_latest(managed, capsys):
 def test_ls_text_output_is_a_table(managed, capsys):
     assert main(["ls", str(managed)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NUMBER", "SAVED", "(UTC)", "SIZE", "ARRAYS", "NAME"]
-    assert lines[-2].split()[0] == "*" and lines[-2].endswith("ckpt-4")
+    assert lines[0].split() == ["NUMBER", "SAVED", "(UTC)", "SIZE", "ARRAYS", "NAME", "METADATA"]
+    assert lines[-2].split()[0] == "*" and lines[-2].endswith('ckpt-4  {"step":4}')
     assert "292 B" in lines[1]
 
 
@@ -80,8 +80,9 @@ def test_inspect_text_output_is_a_tree(managed, capsys):
     assert main(["inspect", str(managed / "ckpt-3")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "3 arrays, 292 B" in lines[0]
-    assert [line.split()[0] for line in lines[2:]] == [
+    assert [line.split()[0] for line in lines[2:-1]] == [
         "model/", "dense/", "bias", "kernel", "save_counter"]
+    assert lines[-1] == 'metadata: {"step": 3}'  # the manager records the step
     assert lines[5].split()[1:4] == ["8x8", "float32", "[x,"]
 
 

@@ -1,4 +1,5 @@
-"""The README's demo, shortened: SIGKILL a 2 x 4-device job, resume on 1 x 8, compare."""
+"""The README's demo, shortened: SIGKILL a 2 x 4-device job, resume on 1 x 8, compare;
+then SIGTERM one rank of the same job with save_on_preemption, resume, compare."""
 
 import json
 import subprocess
@@ -11,7 +12,7 @@ def test_preempted_job_resumes_on_another_mesh_bit_identical(tmp_path):
     facts_file = tmp_path / "facts.json"
     command = [
         sys.executable, str(REPO_ROOT / "scripts" / "demo.py"),
-        "--steps", "12", "--save-every", "4", "--preempt-after", "5", "--step-sleep", "0.2",
+        "--steps", "16", "--save-every", "4", "--preempt-after", "5", "--step-sleep", "0.2",
         "--workdir", str(tmp_path / "work"), "--json-out", str(facts_file),
     ]  # fmt: skip
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
@@ -22,7 +23,7 @@ def test_preempted_job_resumes_on_another_mesh_bit_identical(tmp_path):
     # The ranks really died mid-run, after committing a checkpoint past step 5.
     assert len(preempted["killed_pids"]) == 2
     assert preempted["exit_code"] != 0
-    assert preempted["last_step"] < 12
+    assert preempted["last_step"] < 16
     assert max(preempted["committed"]) >= 5
     # The resume started from that checkpoint, not from scratch.
     start = resumed["start_step"]
@@ -31,8 +32,20 @@ def test_preempted_job_resumes_on_another_mesh_bit_identical(tmp_path):
     assert facts["uninterrupted"]["start_step"] == 0
     assert facts["uninterrupted"]["restored_from"] is None
     # Same final state, to the last bit, as the job that was never interrupted.
-    assert resumed["step"] == facts["uninterrupted"]["step"] == 12
+    assert resumed["step"] == facts["uninterrupted"]["step"] == 16
     assert facts["identical"] == {"w1": True, "b1": True, "w2": True, "b2": True}
     assert facts["max_abs_diff"] == 0.0
     assert resumed["loss_hex"] == facts["uninterrupted"]["loss_hex"]
+    # SIGTERM to rank 1 only: JAX's preemption sync manager (launch starts
+    # jax.distributed) made both ranks save at one step past the notice, then exit 0.
+    sigtermed, resumed_term = facts["sigtermed"], facts["resumed_sigterm"]
+    assert sigtermed["exit_code"] == 0
+    assert sigtermed["preemption_step"] > sigtermed["sigterm_after_step"] >= 5
+    assert sigtermed["committed"][-1] == sigtermed["preemption_step"]
+    assert sigtermed["preemption_step"] < 16  # it stopped early, not at the end
+    assert resumed_term["start_step"] == sigtermed["preemption_step"]
+    assert resumed_term["restored_from"].endswith(f"ckpt-{sigtermed['preemption_step']}")
+    assert facts["sigterm_params_identical"] and facts["sigterm_loss_identical"]
+    assert facts["sigterm_max_abs_diff"] == 0.0
+    assert resumed_term["loss_hex"] == facts["uninterrupted"]["loss_hex"]
     assert "result    : MATCH" in completed.stdout

@@ -1,0 +1,245 @@
+"""What JAX users reach for on a CheckpointManager beyond TF's API: steps as integers,
+deletion, keep-the-best retention and saving on preemption.
+
+A mixin of :class:`~dcheckpoint.CheckpointManager`, kept apart so that ``_manager.py``
+stays TensorFlow's manager; these methods use the manager's state (its lock, managed
+list, communicator) exactly as its own methods do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import os
+import re
+
+from ._best import metric_of, to_drop
+from ._engine import read_metadata
+from ._options import CheckpointOptions
+from ._state_file import STATE_FILENAME, is_committed
+from ._storage import open_storage
+from .errors import CheckpointError, CheckpointNotFoundError, CoordinationError
+
+__all__ = ["ManagerExtras", "evaluate_counter"]
+
+logger = logging.getLogger("dcheckpoint._manager")
+
+
+def evaluate_counter(counter) -> int:
+    """The integer value of a step counter: a Variable, an array or a Python int."""
+    value = counter.value if hasattr(counter, "value") else counter
+    return int(value)
+
+
+class ManagerExtras:
+    """Steps, ``delete``, ``best_fn`` retention and preemption (see the module docstring)."""
+
+    # -- steps as integers ---------------------------------------------------------------
+
+    def _step_path(self, step) -> str:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise TypeError(f"step must be an int, got {step!r} ({type(step).__name__})")
+        return f"{self._prefix}-{int(step)}"
+
+    def _step_of(self, path: str | None) -> int | None:
+        match = self._step_pattern().fullmatch(os.path.basename(path or ""))
+        return int(match.group(1)) if match else None
+
+    def _step_pattern(self) -> re.Pattern:
+        return re.compile(rf"{re.escape(self._checkpoint_name)}-(\d+)")
+
+    def all_steps(self) -> list[int]:
+        """Every committed checkpoint's number in the directory, ascending.
+
+        Managed checkpoints and those kept for good by ``keep_checkpoint_every_n_hours``
+        alike (unlike :attr:`checkpoints`, TF's list of the managed paths). Lists the
+        directory, so it sees what is on disk now.
+        """
+        storage = open_storage(self._directory)
+        pattern = self._step_pattern()
+        return sorted(
+            int(match.group(1)) for name in storage.list_dir()
+            if (match := pattern.fullmatch(name)) and is_committed(storage.join(name))
+        )
+
+    def latest_step(self) -> int | None:
+        """The number of :attr:`latest_checkpoint`, or None when there is none."""
+        return self._step_of(self.latest_checkpoint)
+
+    def restore(self, step, options=None):
+        """Restores checkpoint ``step`` into :attr:`checkpoint`.
+
+        Returns:
+          The load status of ``checkpoint.restore``.
+
+        Raises:
+          CheckpointNotFoundError: no committed checkpoint of that number; the message
+            lists the steps there are.
+          TypeError: ``step`` is not an int.
+        """
+        path = self._step_path(step)
+        if not is_committed(path):
+            raise CheckpointNotFoundError(
+                f"No committed checkpoint for step {step} in {self._directory!r} (expected "
+                f"{path}); available steps: {self.all_steps()}"
+            )
+        status = self._checkpoint.restore(path, options)
+        if self._checkpoint_interval is not None:
+            self._last_checkpoint_step = evaluate_counter(self._step_counter)
+        return status
+
+    def delete(self, step) -> str:
+        """Deletes checkpoint ``step`` (collective: every process calls it, as ``save``).
+
+        Waits for an async save in flight first. The coordinator deletes the commit
+        marker first (a deletion cut short leaves no checkpoint a reader would take for
+        whole) and updates the state file; when ``step`` was the latest, the newest
+        remaining managed checkpoint becomes the latest.
+
+        Returns:
+          The deleted checkpoint's path, on every process.
+
+        Raises:
+          CheckpointNotFoundError: no committed checkpoint of that number (on every
+            process; nothing is changed).
+        """
+        path = self._step_path(step)
+        self.sync()
+        outcome = {"path": path}
+        if self._comm.is_coordinator:
+            try:
+                if not is_committed(path):
+                    raise CheckpointNotFoundError(
+                        f"No committed checkpoint for step {step} in {self._directory!r} to "
+                        f"delete; available steps: {self.all_steps()}"
+                    )
+                self._delete(path)
+                self._forget(path)
+                self._record_after_delete()
+            except Exception as e:  # noqa: BLE001 (sent to every process, raised below)
+                outcome = {"path": path, "error": f"{type(e).__name__}: {e}",
+                           "not_found": isinstance(e, CheckpointNotFoundError)}
+                local = e
+        outcome = json.loads(self._comm.broadcast(
+            json.dumps(outcome).encode() if self._comm.is_coordinator else None,
+            tag=f"delete {path!r}", timeout_secs=CheckpointOptions().timeout_secs,
+        ))
+        if "error" in outcome:
+            if self._comm.is_coordinator:
+                raise local
+            error_type = CheckpointNotFoundError if outcome["not_found"] else CheckpointError
+            raise error_type(f"The coordinator could not delete {path!r}: {outcome['error']}")
+        if outcome["path"] != path:
+            # The coordinator deleted another step: follow the disk, then say so.
+            self._forget(outcome["path"])
+            raise CoordinationError(
+                f"This process called delete({step}) but the coordinator deleted "
+                f"{outcome['path']!r}; every process must delete the same step"
+            )
+        if not self._comm.is_coordinator:
+            self._forget(path)
+        return path
+
+    def _forget(self, path: str) -> None:
+        """Drops ``path`` from the in-memory state (all processes)."""
+        with self._lock:
+            self._maybe_delete.pop(path, None)
+            self._metrics.pop(path, None)
+            if self._latest_checkpoint == path:
+                self._latest_checkpoint = next(reversed(self._maybe_delete), None)
+
+    def _record_after_delete(self) -> None:
+        """The state file after a delete (coordinator); removed when nothing is left."""
+        with self._lock:
+            if self._latest_checkpoint is not None:
+                self._record_state()
+                return
+        open_storage(self._directory).remove(STATE_FILENAME)
+
+    def _check_metric(self, checkpoint_number, metadata) -> None:
+        """Raises ValueError now if ``best_fn`` gives no number for this save, before
+        the save counter, the interval clock or an export move."""
+        if self._best_fn is None:
+            return
+        if checkpoint_number is not None:
+            number = evaluate_counter(checkpoint_number)
+        else:
+            number = evaluate_counter(self._checkpoint.save_counter) + 1
+        metric_of(self._best_fn, {"step": number, **(metadata or {})},
+                  where=f"{self._prefix}-{number}")
+
+    # -- keep the best -------------------------------------------------------------------
+
+    def _sweep_best(self) -> bool:
+        """``_sweep`` with ``best_fn``: drops all but the best and the latest (see _best)."""
+        if not self._max_to_keep or len(self._maybe_delete) <= self._max_to_keep:
+            return False
+        paths = list(self._maybe_delete)
+        for path in paths:
+            if path not in self._metrics:
+                self._metrics[path] = self._read_metric(path)
+        hours = self._keep_checkpoint_every_n_hours
+        dropped = to_drop(paths, self._metrics, self._max_to_keep, self._best_mode)
+        for path in dropped:
+            timestamp = self._maybe_delete.pop(path)
+            metric = self._metrics.pop(path, None)
+            # As _sweep: a dropped checkpoint a period after the last preserved one stays.
+            if hours and timestamp - hours * 3600.0 >= self._last_preserved_timestamp:
+                self._last_preserved_timestamp = timestamp
+                continue
+            if self._comm.is_coordinator:
+                logger.info("dropping %s: best_fn %s is not among the %d best",
+                            path, metric, self._max_to_keep)
+                self._delete(path)
+        return bool(dropped)
+
+    def _read_metric(self, path: str) -> float | None:
+        """``best_fn`` of a checkpoint's stored metadata; None (ranks worst) if unreadable."""
+        try:
+            metadata = read_metadata(path).user_metadata or {}
+            return metric_of(self._best_fn, metadata, where=path)
+        except Exception as e:  # noqa: BLE001 (a user function on old metadata)
+            logger.warning("best_fn could not rank %s (%s: %s); it ranks worst",
+                           path, type(e).__name__, e)
+            return None
+
+    # -- preemption ----------------------------------------------------------------------
+
+    def reached_preemption(self, step) -> bool:
+        """Whether every process is to save now, at ``step``, for a preemption notice.
+
+        Collective: call it at every step on every process with the same step (with
+        ``save_on_preemption=True``, ``save()`` does, with the step counter's value or
+        the checkpoint number). A second call for the same step costs nothing.
+
+        Raises:
+          ValueError: the manager was made without ``save_on_preemption=True``.
+        """
+        if self._preemption is None:
+            raise ValueError(
+                "reached_preemption needs CheckpointManager(..., save_on_preemption=True), "
+                "which installs the preemption watcher when the job starts"
+            )
+        return self._preemption.reached(step)
+
+    def _check_preemption(self, checkpoint_number) -> bool:
+        """Step 0 of a save with ``save_on_preemption``: ask every process (collective)."""
+        self._save_calls += 1
+        if self._preemption is None:
+            return False
+        if self._step_counter is not None:
+            step = evaluate_counter(self._step_counter)
+        elif checkpoint_number is not None:
+            step = evaluate_counter(checkpoint_number)
+        else:
+            step = self._save_calls
+        return self._preemption.reached(step)
+
+    def _exit_preempted(self, path: str | None) -> None:
+        """Waits for the preemption save's commit, then exits the program cleanly."""
+        self.sync()
+        logger.warning("preemption: %s committed; exiting",
+                       path or self.latest_checkpoint or "nothing new to save")
+        self._preemption.close()
+        raise SystemExit(0)

@@ -1,0 +1,134 @@
+"""Save on preemption: a SIGTERM becomes one agreed step where every process saves and exits.
+
+In one process the watcher's own SIGTERM handler is checked directly. Under
+``mpiexec -n 2`` the job's own exchange is used (JAX's preemption service switched off,
+as on hosts without it): SIGTERM reaches rank 1 only, both ranks save at one step and
+exit 0, and the job resumed from that checkpoint ends bit-identical to one never
+interrupted. tests/test_demo.py covers the same with JAX's preemption sync manager.
+"""
+
+import gc
+import importlib.util
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from dcheckpoint import CheckpointManager, read_metadata
+from dcheckpoint._checkpoint import Checkpoint
+from dcheckpoint._comm import LocalCommunicator
+from dcheckpoint._options import CheckpointOptions
+from dcheckpoint._preemption import PreemptionWatcher
+from dcheckpoint._variable import Variable
+from tests.mp_util import REPO_ROOT, results, run_launch
+
+
+def load_demo():
+    spec = importlib.util.spec_from_file_location("demo", REPO_ROOT / "scripts" / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_sigterm_is_only_a_flag_until_the_next_step():
+    before = signal.getsignal(signal.SIGTERM)
+    watcher = PreemptionWatcher(LocalCommunicator(), timeout_secs=5)
+    try:
+        assert not watcher.uses_jax
+        assert watcher.reached(1) is False
+        os.kill(os.getpid(), signal.SIGTERM)  # the process lives on: only a flag is set
+        assert watcher.notice_received
+        assert watcher.reached(1) is False  # step 1 was already answered
+        assert watcher.reached(2) is True  # one process: no exchange, no delay
+    finally:
+        watcher.close()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_save_on_preemption_saves_the_agreed_step_and_exits(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    step = Variable(np.int32(0))
+    weights = Variable(np.zeros(3, np.float32))
+    manager = CheckpointManager(
+        Checkpoint(step=step, weights=weights), tmp_path, max_to_keep=3,
+        step_counter=step, checkpoint_interval=100, save_on_preemption=True,
+    )
+    options = CheckpointOptions(enable_async=True)
+    saved = []
+    with pytest.raises(SystemExit) as exited:
+        for s in range(1, 50):
+            step.assign(np.int32(s))
+            weights.assign(np.full(3, s, np.float32))
+            saved.append(manager.save(checkpoint_number=s, options=options,
+                                      metadata={"s": s}))
+            if s == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+    assert exited.value.code == 0
+    # Step 1 (the first save), then nothing until the notice: the interval (100) is
+    # overridden at step 4, the first boundary after it; the save is committed on exit.
+    assert [p for p in saved if p] == [str(tmp_path / "ckpt-1")]
+    assert manager.all_steps() == [1, 4]
+    assert manager.latest_step() == 4
+    assert read_metadata(str(tmp_path / "ckpt-4")).user_metadata == {"step": 4, "s": 4}
+    assert signal.getsignal(signal.SIGTERM) is before  # handed back on exit
+
+
+def test_reached_preemption_needs_the_watcher(tmp_path):
+    manager = CheckpointManager(Checkpoint(w=Variable(np.zeros(1))), tmp_path, max_to_keep=1)
+    with pytest.raises(ValueError, match=r"needs CheckpointManager\(\.\.\., save_on_preemption"):
+        manager.reached_preemption(1)
+
+
+def test_a_dropped_manager_gives_sigterm_back(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
+    manager = CheckpointManager(Checkpoint(w=Variable(np.zeros(1))), tmp_path, max_to_keep=1,
+                                save_on_preemption=True)
+    assert signal.getsignal(signal.SIGTERM) is not before
+    del manager
+    gc.collect()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sigterm_to_one_rank_under_mpiexec_resumes_bit_identical(tmp_path, monkeypatch):
+    # Our own exchange, not JAX's preemption service (covered by tests/test_demo.py).
+    monkeypatch.setenv("JAX_ENABLE_PREEMPTION_SERVICE", "false")
+    demo = load_demo()
+    args = demo.parse_args(["--steps", "16", "--save-every", "4", "--preempt-after", "5",
+                            "--step-sleep", "0.2"])
+    sigtermed = demo.run_sigtermed(tmp_path / "run", args)
+    # Rank 1 got the notice; both ranks saved at the next step boundary and exited 0.
+    assert sigtermed["exit_code"] == 0
+    agreed = sigtermed["preemption_step"]
+    assert sigtermed["sigterm_after_step"] < agreed < 16  # early, after the notice
+    assert sigtermed["committed"][-1] == agreed
+    assert f"ckpt-{agreed}" in os.listdir(tmp_path / "run")
+
+    resumed, resumed_params = demo.run_to_end("resumed", tmp_path / "run", args, 2, 4, "4x2")
+    assert resumed["start_step"] == agreed and resumed["step"] == 16
+    baseline, baseline_params = demo.run_to_end("baseline", tmp_path / "base", args, 2, 4,
+                                                "4x2")
+    comparison = demo.compare(resumed_params, baseline_params)
+    assert comparison["identical"] == {"w1": True, "b1": True, "w2": True, "b2": True}
+    assert comparison["max_abs_diff"] == 0.0
+    assert resumed["loss_hex"] == baseline["loss_hex"]
+
+
+def test_ranks_that_disagree_raise_instead_of_diverging(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_ENABLE_PREEMPTION_SERVICE", "false")
+    completed = run_launch(REPO_ROOT / "tests" / "workers" / "misuse_worker.py", tmp_path,
+                           processes=2, devices_per_process=1)
+    rank0, rank1 = results(completed)
+    assert rank0["uses_jax"] is False and rank1["uses_jax"] is False
+    # The coordinator deleted what it was asked; rank 1 learns its call was not done.
+    assert rank0["deleted"] == f"returned {str(tmp_path / 'ckpt-1')!r}"
+    assert rank1["deleted"].startswith(
+        "CoordinationError: This process called delete(3) but the coordinator deleted")
+    assert rank0["steps"] == rank1["steps"] == [2, 3]
+    assert rank0["checkpoints"] == rank1["checkpoints"] == ["ckpt-2", "ckpt-3"]
+    for rank in (rank0, rank1):
+        assert rank["first"] is False
+        assert rank["preemption"] == (
+            "CoordinationError: Processes asked whether to save for a preemption at "
+            "different steps [5, 6]; every process must call save() (or "
+            "reached_preemption) once per step with the same step")
