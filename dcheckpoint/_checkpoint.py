@@ -470,7 +470,8 @@ class Checkpoint(AutoTrackable):
                 self._dc_set_top(name, new)
         owner = self._dc_root if isinstance(self._dc_root, AutoTrackable) else self
         source.defer_missing(owner, top, root, "", "")
-        log_restore(save_path, sum(metadata.arrays[p].nbytes for p in state.consumed),
+        log_restore(save_path, sum(metadata.arrays[p].nbytes for p in state.consumed
+                                   if p in metadata.arrays),
                     time.perf_counter() - started)
         return CheckpointLoadStatus(state)
 
