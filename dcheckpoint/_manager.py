@@ -105,7 +105,7 @@ def _decode_start(directory: str, reply: bytes) -> CheckpointState:
     )
 
 
-def _check_checkpoint_name(name) -> None:
+def _check_checkpoint_name(name, what: str = "checkpoint_name") -> None:
     """Refuses a ``checkpoint_name`` that is not one plain path component.
 
     ``<directory>/<name>-<N>`` must stay inside the directory and be neither a crashed
@@ -115,7 +115,7 @@ def _check_checkpoint_name(name) -> None:
             or any(c in name for c in ("/", "\\", "\0", os.sep))
             or name.startswith(".") or TMP_MARKER in name):
         raise ValueError(
-            f"checkpoint_name must be one plain path component (no '/', '\\', leading "
+            f"{what} must be one plain path component (no '/', '\\', leading "
             f"'.', '..' or {TMP_MARKER!r}), so checkpoints stay inside the directory; "
             f"got {name!r}"
         )

@@ -220,3 +220,14 @@ def test_the_state_file_never_names_a_checkpoint_being_deleted(tmp_path, monkeyp
         manager.save()
     assert seen == [("ckpt-1", str(tmp_path / "ckpt-3"), ["ckpt-2", "ckpt-3"]),
                     ("ckpt-2", str(tmp_path / "ckpt-4"), ["ckpt-3", "ckpt-4"])]
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".."])
+def test_savedmodel_name_must_be_one_plain_component(tmp_path, name):
+    from dcheckpoint import ExportingCheckpointManager
+
+    with pytest.raises(ValueError, match="savedmodel_name must be one plain path component"):
+        ExportingCheckpointManager(make_checkpoint(), tmp_path / "managed", 1,
+                                   serving_fn=None, params_fn=None, input_specs=(),
+                                   savedmodel_name=name)
+    assert os.listdir(tmp_path) == []
