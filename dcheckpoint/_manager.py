@@ -35,6 +35,7 @@ from ._state_file import (
     check_inside,
     delete_checkpoint,
     get_checkpoint_state,
+    get_pending_deletion,
     is_committed,
     latest_checkpoint,
     remove_leftover_temporaries,
@@ -235,9 +236,19 @@ class CheckpointManager:
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
-        """Removes what crashed saves left (coordinator); subclasses remove more."""
+        """Removes what crashed saves left (coordinator); subclasses remove more.
+
+        That includes checkpoints the last manager took off the list and recorded as
+        pending deletion, but was killed before deleting (never one still managed).
+        """
         for path in remove_leftover_temporaries(self._directory, self._checkpoint_name):
             logger.info("removed leftover temporary %s", path)
+        state = get_checkpoint_state(self._directory)
+        kept = set(state.all_model_checkpoint_paths) | {state.model_checkpoint_path} \
+            if state else set()
+        for path in get_pending_deletion(self._directory):
+            if path not in kept and not self._leads_outside(path):
+                self._delete(path)
 
     def _recover(self, state: CheckpointState | None) -> CheckpointState:
         """The managed list and clocks taken over from the last manager (TF's rules)."""
@@ -379,7 +390,7 @@ class CheckpointManager:
                     self._writer_lock.check()
                 # The state without the victims goes first: a reader of the state file
                 # never finds a checkpoint that is already gone.
-                self._record_state()
+                self._record_state(pending_deletion=victims)
                 if self._comm.is_coordinator:
                     for path in victims:
                         self._delete(path)
@@ -390,7 +401,7 @@ class CheckpointManager:
                     f"failed: {e}"
                 ) from e
 
-    def _record_state(self) -> None:
+    def _record_state(self, pending_deletion=()) -> None:
         if not self._comm.is_coordinator:
             return
         write_checkpoint_state(
@@ -401,6 +412,7 @@ class CheckpointManager:
                 tuple(self._maybe_delete.values()),
                 self._last_preserved_timestamp,
             ),
+            pending_deletion=pending_deletion,
         )
         logger.debug("wrote the state file of %s", self._directory)
 

@@ -37,6 +37,7 @@ __all__ = [
     "delete_checkpoint",
     "remove_leftover_temporaries",
     "check_inside",
+    "get_pending_deletion",
 ]
 
 STATE_FILENAME = "checkpoint"
@@ -167,13 +168,18 @@ def check_inside(directory: str | os.PathLike, path: str) -> str:
     return path
 
 
-def write_checkpoint_state(directory: str | os.PathLike, state: CheckpointState) -> None:
+def write_checkpoint_state(
+    directory: str | os.PathLike, state: CheckpointState, *, pending_deletion=()
+) -> None:
     """Replaces ``directory``'s state file atomically (coordinator only).
 
     Args:
       directory: the managed directory; must exist.
       state: paths absolute or relative to the working directory, all inside
         ``directory``.
+      pending_deletion: checkpoints the writer deletes right after this write. They are
+        recorded apart from the managed ones (readers never take them for checkpoints),
+        so a manager killed before it deleted them lets the next one finish the job.
 
     Raises:
       CorruptCheckpointError: a path lies outside ``directory``.
@@ -189,6 +195,8 @@ def write_checkpoint_state(directory: str | os.PathLike, state: CheckpointState)
         "all_model_checkpoint_timestamps": list(state.all_model_checkpoint_timestamps),
         "last_preserved_timestamp": state.last_preserved_timestamp,
     }
+    if pending_deletion:
+        document["pending_deletion"] = [_relative(directory, p) for p in pending_deletion]
     data = (json.dumps(document, indent=2) + "\n").encode()
     # Locally: temporary file (its name carries the tmp marker, so a crash leaves
     # something the next manager's cleanup removes), fsync, rename, fsync the directory.
@@ -226,6 +234,28 @@ def get_checkpoint_state(directory: str | os.PathLike) -> CheckpointState | None
             f"State file {path!r} is not a {_FORMAT} version {_VERSION} JSON document: "
             f"{error}"
         ) from error
+
+
+def get_pending_deletion(directory: str | os.PathLike) -> list[str]:
+    """Checkpoints the last manager was about to delete when it wrote the state file.
+
+    Raises:
+      CorruptCheckpointError: the state file is malformed.
+    """
+    directory = os.fspath(directory)
+    storage = open_storage(directory)
+    try:
+        document = json.loads(storage.read_bytes(STATE_FILENAME, max_bytes=_MAX_STATE_BYTES))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except ValueError as error:
+        raise CorruptCheckpointError(f"State file of {directory!r}: {error}") from None
+    pending = document.get("pending_deletion", []) if isinstance(document, dict) else []
+    if not isinstance(pending, list):
+        raise CorruptCheckpointError(
+            f"State file of {directory!r}: pending_deletion must be a list, found "
+            f"{type(pending).__name__}")
+    return [os.path.join(directory, _check_relative(directory, p)) for p in pending]
 
 
 def _parse(directory: str, document: object) -> CheckpointState:

@@ -231,3 +231,31 @@ def test_savedmodel_name_must_be_one_plain_component(tmp_path, name):
                                    serving_fn=None, params_fn=None, input_specs=(),
                                    savedmodel_name=name)
     assert os.listdir(tmp_path) == []
+
+
+def test_victims_of_a_manager_killed_before_deleting_are_deleted_by_the_next(
+        tmp_path, monkeypatch):
+    manager = CheckpointManager(make_checkpoint(), tmp_path, max_to_keep=1)
+    manager.save()
+    # Killed right after the state write, before its deletion: nothing is deleted.
+    monkeypatch.setattr(_manager, "delete_checkpoint", lambda path, *a, **k: False)
+    manager.save()
+    monkeypatch.undo()
+    assert on_disk(tmp_path) == ["ckpt-1", "ckpt-2"]
+    state = get_checkpoint_state(tmp_path)
+    assert list(state.all_model_checkpoint_paths) == [str(tmp_path / "ckpt-2")]
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-2")
+    del manager
+    restarted = CheckpointManager(make_checkpoint(), tmp_path, max_to_keep=1)
+    assert on_disk(tmp_path) == ["ckpt-2"]
+    assert restarted.checkpoints == [str(tmp_path / "ckpt-2")]
+
+
+def test_a_pending_deletion_that_is_managed_again_is_kept(tmp_path):
+    manager = CheckpointManager(make_checkpoint(), tmp_path, max_to_keep=1)
+    manager.save()
+    write_checkpoint_state(tmp_path, get_checkpoint_state(tmp_path),
+                           pending_deletion=[str(tmp_path / "ckpt-1")])
+    del manager
+    CheckpointManager(make_checkpoint(), tmp_path, max_to_keep=1)
+    assert on_disk(tmp_path) == ["ckpt-1"]
