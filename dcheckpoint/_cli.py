@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from ._engine import read_metadata
 from ._metadata import METADATA_FILE, CheckpointMetadata
-from ._state_file import STATE_FILENAME, get_checkpoint_state, is_committed
+from ._state_file import STATE_FILENAME, check_inside, get_checkpoint_state, is_committed
 from ._storage import open_storage
 from ._verify import chunk_count, verify
-from .errors import CheckpointError
+from .errors import CheckpointError, CorruptCheckpointError
 
 __all__ = ["main"]
 
@@ -87,7 +87,7 @@ def _ls(args) -> int:
         raise UsageError(f"{directory}: no such directory")
     state = get_checkpoint_state(directory)
     found = [name for name in names if name != STATE_FILENAME
-             and is_committed(storage.join(name))]
+             and _inside(directory, storage.join(name)) and is_committed(storage.join(name))]
     rows = []
     for name in tqdm(found, desc="reading metadata", unit="ckpt", disable=_quiet(args)):
         meta = read_metadata(storage.join(name))
@@ -119,6 +119,16 @@ def _ls(args) -> int:
     _print_table(table)
     print("* latest" + (" (from the state file)" if state else " (most recently saved)"))
     return EXIT_OK
+
+
+def _inside(directory: str, path: str) -> bool:
+    """False (with a warning) for an entry that is a symbolic link out of ``directory``."""
+    try:
+        check_inside(directory, path)
+    except CorruptCheckpointError as e:
+        print(f"dcheckpoint ls: skipping {path}: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def _latest(rows: list[dict], state) -> str | None:

@@ -259,3 +259,17 @@ def test_a_pending_deletion_that_is_managed_again_is_kept(tmp_path):
     del manager
     CheckpointManager(make_checkpoint(), tmp_path, max_to_keep=1)
     assert on_disk(tmp_path) == ["ckpt-1"]
+
+
+def test_ls_skips_an_entry_that_links_out_of_the_directory(tmp_path, capsys):
+    from dcheckpoint._cli import main
+
+    outside, _ = _other_project(tmp_path)
+    managed = tmp_path / "managed"
+    save_arrays(str(managed / "ckpt-2"), {"bias": BIAS})
+    os.symlink(outside, managed / "ckpt-1")
+    assert main(["ls", "--json", str(managed)]) == 0
+    captured = capsys.readouterr()
+    listed = json.loads(captured.out)
+    assert [row["name"] for row in listed["checkpoints"]] == ["ckpt-2"]
+    assert "skipping" in captured.err and "outside the managed directory" in captured.err
