@@ -81,6 +81,9 @@ def delete_checkpoint(path: str | os.PathLike, marker: str = METADATA_FILE) -> b
     A local ``path`` that is a symbolic link is unlinked as a link: its target (another
     project's checkpoint, say) is never touched. Nothing inside is followed either.
     """
+    if not isinstance(marker, str) or marker in ("", ".", "..") or "/" in marker \
+            or os.sep in marker:
+        raise ValueError(f"Commit marker {marker!r} must be one file name")
     storage = open_storage(path)
     if getattr(storage, "is_link", lambda: False)():
         parent = open_storage(os.path.dirname(storage.path))

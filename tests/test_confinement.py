@@ -273,3 +273,11 @@ def test_ls_skips_an_entry_that_links_out_of_the_directory(tmp_path, capsys):
     listed = json.loads(captured.out)
     assert [row["name"] for row in listed["checkpoints"]] == ["ckpt-2"]
     assert "skipping" in captured.err and "outside the managed directory" in captured.err
+
+
+@pytest.mark.parametrize("marker", ["../dcheckpoint.json", "a/b", "..", ""])
+def test_a_commit_marker_must_be_one_file_name(tmp_path, marker):
+    path = save_arrays(str(tmp_path / "ckpt-1"), {"bias": BIAS})
+    with pytest.raises(ValueError, match="must be one file name"):
+        delete_checkpoint(path, marker=marker)
+    assert verify(path).ok
