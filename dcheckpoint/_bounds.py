@@ -5,9 +5,11 @@ Metadata is signed, but anyone can sign it: a 500-byte file may declare a shape 
 entries in Python, or a buffer TensorStore cannot allocate (``std::bad_alloc`` aborts
 the whole process, no exception to catch). So before a restore opens an array:
 
-* the bytes this process is about to hold, and the largest chunk TensorStore would
-  decode, must fit in this host's physical memory (a restore holds its part in host
-  memory before handing it to devices, so a larger one could never succeed anyway);
+* the largest piece this process reads in one buffer (one device's slice, or a host
+  target's whole array), and the largest chunk TensorStore would decode, must fit in
+  this host's physical memory (a larger one could never be allocated anyway). The sum
+  over all arrays is not bounded: reads are windowed, and a restore may stream to
+  devices more than the host holds at once;
 * the declared chunk grid must match the chunk files that exist: a committed array
   stores every chunk as a file, so a grid larger than the listing is a crafted or
   damaged array. On a local filesystem every file of the array is also checked to be
@@ -67,13 +69,17 @@ def check_restore(storage, where: str, metadata, plans: dict) -> None:
       CorruptCheckpointError: naming the array, what it declares and what was found.
     """
     limit = memory_limit()
-    total = 0
     for path, (_, reads) in plans.items():
         if not reads:
             continue
         meta = metadata.arrays[path]
-        read_bytes = sum(math.prod(s.stop - s.start for s in r.index) for r in reads)
-        total += read_bytes * meta.dtype.itemsize
+        largest = max(math.prod(s.stop - s.start for s in r.index) for r in reads)
+        if largest * meta.dtype.itemsize > limit:
+            raise CorruptCheckpointError(
+                f"Array {path!r} in {where}: shape {list(meta.shape)} {meta.dtype.name} "
+                f"needs {largest * meta.dtype.itemsize} bytes in one piece of this "
+                f"process, more than this host's {limit} bytes of memory; refusing to read"
+            )
         if chunk_nbytes(meta) > limit:
             raise CorruptCheckpointError(
                 f"Array {path!r} in {where}: declares chunks of {list(meta.chunk_shape)} "
@@ -81,11 +87,6 @@ def check_restore(storage, where: str, metadata, plans: dict) -> None:
                 f"host's {limit} bytes of memory; refusing to read it"
             )
         check_chunk_files(storage, path, meta, where)
-    if total > limit:
-        raise CorruptCheckpointError(
-            f"Restore from {where}: the requested arrays need {total} bytes in this "
-            f"process, more than this host's {limit} bytes of memory; refusing to read"
-        )
 
 
 def check_chunk_files(storage, name: str, meta: ArrayMetadata, where: str) -> None:
