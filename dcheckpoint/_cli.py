@@ -30,6 +30,7 @@ from ._metadata import METADATA_FILE, CheckpointMetadata
 from ._state_file import (
     STATE_FILENAME,
     CheckpointState,
+    check_inside,
     delete_checkpoint,
     get_checkpoint_state,
     is_committed,
@@ -37,7 +38,7 @@ from ._state_file import (
 )
 from ._storage import is_url, open_storage
 from ._verify import chunk_count, verify
-from .errors import CheckpointError, CheckpointLockedError
+from .errors import CheckpointError, CheckpointLockedError, CorruptCheckpointError
 
 __all__ = ["main"]
 
@@ -110,7 +111,7 @@ def _ls(args) -> int:
         raise UsageError(f"{directory}: no such directory")
     state = get_checkpoint_state(directory)
     found = [name for name in names if name != STATE_FILENAME
-             and is_committed(storage.join(name))]
+             and _inside(directory, storage.join(name)) and is_committed(storage.join(name))]
     rows = []
     for name in tqdm(found, desc="reading metadata", unit="ckpt", disable=_quiet(args)):
         meta = read_metadata(storage.join(name))
@@ -178,6 +179,16 @@ def _metadata_text(metadata: dict | None, width: int = 60) -> str:
         return ""
     text = json.dumps(metadata, sort_keys=True, separators=(",", ":"))
     return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _inside(directory: str, path: str) -> bool:
+    """False (with a warning) for an entry that is a symbolic link out of ``directory``."""
+    try:
+        check_inside(directory, path)
+    except CorruptCheckpointError as e:
+        print(f"dcheckpoint ls: skipping {path}: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def _latest(rows: list[dict], state) -> str | None:

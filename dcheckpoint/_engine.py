@@ -37,6 +37,7 @@ import numpy as np
 
 from . import _tensorstore as tsio
 from . import errors
+from ._bounds import check_restore
 from ._comm import Communicator, default_communicator
 from ._log import log_save
 from ._metadata import (
@@ -286,7 +287,13 @@ def read_metadata(directory: str) -> CheckpointMetadata:
         raise CheckpointNotFoundError(
             f"No committed checkpoint at {directory!r} ({why}); expected {METADATA_FILE}"
         )
-    data = storage.read_bytes(METADATA_FILE, max_bytes=MAX_METADATA_BYTES)
+    try:
+        data = storage.read_bytes(METADATA_FILE, max_bytes=MAX_METADATA_BYTES)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"Checkpoint {directory!r} was deleted while it was being read; expected "
+            f"{METADATA_FILE}"
+        ) from None
     return decode_metadata(data, source=os.path.join(directory, METADATA_FILE))
 
 
@@ -332,6 +339,7 @@ def restore_arrays(
                 f"{_preview(metadata.arrays)}"
             )
         plans[path] = plan_read(path, meta, target)
+    check_restore(storage, directory, metadata, plans)  # before anything is allocated
     opened = {
         path: tsio.open_for_read(
             storage.kvstore_spec(storage_rel(storage, metadata.arrays[path].storage_path)),
@@ -462,7 +470,22 @@ def _result(future, path: str, directory: str):
     except errors.StorageTimeoutError:
         raise
     except (ValueError, RuntimeError, OSError) as e:
-        raise tsio.translate_error(e, array=path, where=directory) from e
+        raise _vanished_or(tsio.translate_error(e, array=path, where=directory),
+                           directory) from e
+
+
+def _vanished_or(error: CheckpointError, directory: str) -> CheckpointError:
+    """``error``, or CheckpointNotFoundError when the whole checkpoint is gone.
+
+    Retention deletes the metadata file first, so files that vanished under a reader
+    whose checkpoint has no metadata file any more were deleted, not damaged.
+    """
+    if isinstance(error, errors.CorruptCheckpointError) and not is_committed(directory):
+        return CheckpointNotFoundError(
+            f"Checkpoint {directory!r} was deleted while it was being read (its "
+            f"{METADATA_FILE} is gone; retention or another job removed it): {error}"
+        )
+    return error
 
 
 def _table_digest(plan: SavePlan) -> str:

@@ -110,6 +110,9 @@ class ExportingCheckpointManager(CheckpointManager):
                 f"ExportingCheckpointManager writes serving artifacts to a local or shared "
                 f"filesystem only; got the object store location {directory!r}"
             )
+        from ._manager import _check_checkpoint_name  # here: keeps the import block as is
+
+        _check_checkpoint_name(savedmodel_name, what="savedmodel_name")
         if savedmodel_name == checkpoint_name:
             raise ValueError(
                 f"savedmodel_name and checkpoint_name must differ, both are {savedmodel_name!r}"

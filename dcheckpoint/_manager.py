@@ -9,10 +9,11 @@ Protocol of one save, with roles:
   1. (all processes) interval check; ``save_counter`` += 1; number the checkpoint.
   2. (all processes) ``checkpoint.write(prefix-N, on_commit=...)``: the engine writes
      and commits (in the background for async saves).
-  3. (all processes, after the commit) record the new checkpoint in memory;
-     (coordinator) write the state file, delete checkpoints that fell out of the
-     kept set, write the state file again without them. Recording before deleting
-     means a crash mid-deletion still leaves the new checkpoint findable.
+  3. (all processes, after the commit) record the new checkpoint in memory and take
+     the checkpoints that fell out of the kept set off the list; (coordinator) write
+     the state file (the new checkpoint, without those), then delete them. Writing
+     the state first means the state file never names a deleted checkpoint, and a
+     crash mid-deletion still leaves the new checkpoint findable.
 """
 
 from __future__ import annotations
@@ -36,16 +37,18 @@ from ._options import CheckpointOptions
 from ._preemption import PreemptionWatcher
 from ._state_file import (
     CheckpointState,
+    check_inside,
     delete_checkpoint,
     get_checkpoint_state,
+    get_pending_deletion,
     is_committed,
     latest_checkpoint,
     remove_leftover_temporaries,
     write_checkpoint_state,
 )
-from ._storage import open_storage
+from ._storage import TMP_MARKER, open_storage
 from ._user_metadata import check_user_metadata
-from .errors import CheckpointError
+from .errors import CheckpointError, CorruptCheckpointError
 
 __all__ = ["CheckpointManager", "checkpoints_iterator", "wait_for_new_checkpoint"]
 
@@ -109,6 +112,22 @@ def _decode_start(directory: str, reply: bytes) -> CheckpointState:
     )
 
 
+def _check_checkpoint_name(name, what: str = "checkpoint_name") -> None:
+    """Refuses a ``checkpoint_name`` that is not one plain path component.
+
+    ``<directory>/<name>-<N>`` must stay inside the directory and be neither a crashed
+    save's leftover (``.tmp-``, removed by the next manager) nor hidden.
+    """
+    if (not isinstance(name, str) or not name or name in (os.curdir, os.pardir)
+            or any(c in name for c in ("/", "\\", "\0", os.sep))
+            or name.startswith(".") or TMP_MARKER in name):
+        raise ValueError(
+            f"{what} must be one plain path component (no '/', '\\', leading "
+            f"'.', '..' or {TMP_MARKER!r}), so checkpoints stay inside the directory; "
+            f"got {name!r}"
+        )
+
+
 class CheckpointManager(ManagerExtras):
     """Keeps the newest checkpoints of one directory and deletes the others.
 
@@ -168,6 +187,7 @@ class CheckpointManager(ManagerExtras):
             raise ValueError(
                 "`step_counter` should be passed if `checkpoint_interval` is not None."
             )
+        _check_checkpoint_name(checkpoint_name)
         self._checkpoint = checkpoint
         self._directory = os.fspath(directory)
         self._max_to_keep = max_to_keep
@@ -241,9 +261,19 @@ class CheckpointManager(ManagerExtras):
         self._remove_leftovers()
 
     def _remove_leftovers(self) -> None:
-        """Removes what crashed saves left (coordinator); subclasses remove more."""
+        """Removes what crashed saves left (coordinator); subclasses remove more.
+
+        That includes checkpoints the last manager took off the list and recorded as
+        pending deletion, but was killed before deleting (never one still managed).
+        """
         for path in remove_leftover_temporaries(self._directory, self._checkpoint_name):
             logger.info("removed leftover temporary %s", path)
+        state = get_checkpoint_state(self._directory)
+        kept = set(state.all_model_checkpoint_paths) | {state.model_checkpoint_path} \
+            if state else set()
+        for path in get_pending_deletion(self._directory):
+            if path not in kept and not self._leads_outside(path):
+                self._delete(path)
 
     def _recover(self, state: CheckpointState | None) -> CheckpointState:
         """The managed list and clocks taken over from the last manager (TF's rules)."""
@@ -261,6 +291,8 @@ class CheckpointManager(ManagerExtras):
         )
         managed = {}
         for path, timestamp in zip(state.all_model_checkpoint_paths, timestamps, strict=True):
+            if self._leads_outside(path):
+                continue
             if not is_committed(path):
                 logger.info("dropping %s from the managed list: not on disk", path)
                 continue
@@ -268,9 +300,19 @@ class CheckpointManager(ManagerExtras):
             if timestamp > last_preserved:
                 managed[path] = timestamp
         latest = state.model_checkpoint_path
-        if not is_committed(latest):
+        if self._leads_outside(latest) or not is_committed(latest):
             latest = next(reversed(managed), None)
         return CheckpointState(latest, tuple(managed), tuple(managed.values()), last_preserved)
+
+    def _leads_outside(self, path: str) -> bool:
+        """Whether a state-file entry is a link out of the directory (then unmanaged:
+        never restored from, never deleted)."""
+        try:
+            check_inside(self._directory, path)
+        except CorruptCheckpointError as e:
+            logger.warning("dropping %s from the managed list: %s", path, e)
+            return True
+        return False
 
     @property
     def directory(self) -> str:
@@ -388,12 +430,16 @@ class CheckpointManager(ManagerExtras):
             self._maybe_delete.pop(save_path, None)
             self._maybe_delete[save_path] = _now()
             self._latest_checkpoint = save_path
+            victims = self._sweep()
             try:
                 if self._writer_lock is not None:
-                    self._writer_lock.refresh()
-                self._record_state()
-                if self._sweep():
-                    self._record_state()
+                    self._writer_lock.check()
+                # The state without the victims goes first: a reader of the state file
+                # never finds a checkpoint that is already gone.
+                self._record_state(pending_deletion=victims)
+                if self._comm.is_coordinator:
+                    for path in victims:
+                        self._delete(path)
             except OSError as e:
                 raise CheckpointError(
                     f"Checkpoint {save_path!r} is committed and restorable, but updating "
@@ -401,7 +447,7 @@ class CheckpointManager(ManagerExtras):
                     f"failed: {e}"
                 ) from e
 
-    def _record_state(self) -> None:
+    def _record_state(self, pending_deletion=()) -> None:
         if not self._comm.is_coordinator:
             return
         write_checkpoint_state(
@@ -412,15 +458,20 @@ class CheckpointManager(ManagerExtras):
                 tuple(self._maybe_delete.values()),
                 self._last_preserved_timestamp,
             ),
+            pending_deletion=pending_deletion,
         )
         logger.debug("wrote the state file of %s", self._directory)
 
-    def _sweep(self) -> bool:
-        """Drops checkpoints beyond ``max_to_keep``; returns whether any left the list."""
+    def _sweep(self) -> list[str]:
+        """Drops checkpoints beyond ``max_to_keep`` from the list; returns those to delete.
+
+        Nothing is deleted here: the caller records the new state first.
+        """
         if self._best_fn is not None:
             return self._sweep_best()
-        if not self._max_to_keep or len(self._maybe_delete) <= self._max_to_keep:
-            return False
+        victims = []
+        if not self._max_to_keep:
+            return victims
         hours = self._keep_checkpoint_every_n_hours
         while len(self._maybe_delete) > self._max_to_keep:
             path, timestamp = self._maybe_delete.popitem(last=False)
@@ -428,9 +479,8 @@ class CheckpointManager(ManagerExtras):
             if hours and timestamp - hours * 3600.0 >= self._last_preserved_timestamp:
                 self._last_preserved_timestamp = timestamp
                 continue
-            if self._comm.is_coordinator:
-                self._delete(path)
-        return True
+            victims.append(path)
+        return victims
 
     def _delete(self, path: str) -> None:
         """Deletes one checkpoint from disk (coordinator); subclasses delete more."""

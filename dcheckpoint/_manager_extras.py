@@ -171,10 +171,12 @@ class ManagerExtras:
 
     # -- keep the best -------------------------------------------------------------------
 
-    def _sweep_best(self) -> bool:
-        """``_sweep`` with ``best_fn``: drops all but the best and the latest (see _best)."""
+    def _sweep_best(self) -> list[str]:
+        """``_sweep`` with ``best_fn``: drops all but the best and the latest (see _best);
+        returns the checkpoints to delete (the caller records the new state first)."""
+        victims: list[str] = []
         if not self._max_to_keep or len(self._maybe_delete) <= self._max_to_keep:
-            return False
+            return victims
         paths = list(self._maybe_delete)
         for path in paths:
             if path not in self._metrics:
@@ -191,8 +193,8 @@ class ManagerExtras:
             if self._comm.is_coordinator:
                 logger.info("dropping %s: best_fn %s is not among the %d best",
                             path, metric, self._max_to_keep)
-                self._delete(path)
-        return bool(dropped)
+            victims.append(path)
+        return victims
 
     def _read_metric(self, path: str) -> float | None:
         """``best_fn`` of a checkpoint's stored metadata; None (ranks worst) if unreadable."""

@@ -218,6 +218,13 @@ def _array_from_json(path: object, entry: object) -> ArrayMetadata:
         )
     if math.prod(shape) > _MAX_ELEMENTS:
         raise CorruptCheckpointError(f"Array {path!r}: absurd shape {list(shape)}")
+    # A saved chunk is a shard: never larger than the array (1 along an empty dim), so
+    # a chunk can never ask a reader for more memory than the array itself.
+    if any(c > max(s, 1) for s, c in zip(shape, chunk_shape, strict=True)):
+        raise CorruptCheckpointError(
+            f"Array {path!r}: chunk_shape {list(chunk_shape)} is larger than shape "
+            f"{list(shape)}; expected each chunk dimension <= the array's (or 1 if 0)"
+        )
     layout = entry.get("layout")
     if layout is not None and not isinstance(layout, dict):
         raise CorruptCheckpointError(f"Array {path!r}: layout must be an object or null")

@@ -36,6 +36,8 @@ __all__ = [
     "is_committed",
     "delete_checkpoint",
     "remove_leftover_temporaries",
+    "check_inside",
+    "get_pending_deletion",
 ]
 
 STATE_FILENAME = "checkpoint"
@@ -75,8 +77,17 @@ def delete_checkpoint(path: str | os.PathLike, marker: str = METADATA_FILE) -> b
     locally, the directory is fsynced), so a deletion cut short leaves something that
     no reader takes for a committed checkpoint; on object stores this is what makes
     deletion safe at all, as the remaining objects are deleted one by one.
+
+    A local ``path`` that is a symbolic link is unlinked as a link: its target (another
+    project's checkpoint, say) is never touched. Nothing inside is followed either.
     """
+    if not isinstance(marker, str) or marker in ("", ".", "..") or "/" in marker \
+            or os.sep in marker:
+        raise ValueError(f"Commit marker {marker!r} must be one file name")
     storage = open_storage(path)
+    if getattr(storage, "is_link", lambda: False)():
+        parent = open_storage(os.path.dirname(storage.path))
+        return parent.remove(os.path.basename(storage.path))
     if not storage.exists():
         return False
     storage.remove(marker)
@@ -124,27 +135,54 @@ def _relative(directory: str, path: str) -> str:
 
 
 def _check_relative(directory: str, relative: object) -> str:
+    """``relative`` if it is one plain path component (what a manager writes)."""
     if (
         not isinstance(relative, str)
         or not relative
-        or os.path.isabs(relative)
-        or os.path.normpath(relative) != relative
-        or relative.split(os.sep)[0] in (os.curdir, os.pardir)
+        or relative in (os.curdir, os.pardir)
+        or any(c in relative for c in ("/", "\\", "\0", os.sep))
     ):
         raise CorruptCheckpointError(
             f"State file of {directory!r}: checkpoint path {relative!r} is not a plain path "
-            f"inside the directory"
+            f"inside the directory (one name, no '/', '.' or '..')"
         )
     return relative
 
 
-def write_checkpoint_state(directory: str | os.PathLike, state: CheckpointState) -> None:
+def check_inside(directory: str | os.PathLike, path: str) -> str:
+    """``path`` (an entry of ``directory``), refusing a link that leads outside it.
+
+    A state-file entry that is a symbolic link to another project's checkpoint must
+    not be read (or deleted) as if it were this directory's. Object stores have no
+    links.
+
+    Raises:
+      CorruptCheckpointError: ``path`` resolves outside ``directory``.
+    """
+    if is_url(path) or not os.path.islink(path):
+        return path
+    root = os.path.realpath(directory)
+    real = os.path.realpath(path)
+    if not real.startswith(root + os.sep):
+        raise CorruptCheckpointError(
+            f"Checkpoint {path!r} is a symbolic link to {real!r}, outside the managed "
+            f"directory {root!r}; refusing to follow it"
+        )
+    return path
+
+
+def write_checkpoint_state(
+    directory: str | os.PathLike, state: CheckpointState, *, pending_deletion=()
+) -> None:
     """Replaces ``directory``'s state file atomically (coordinator only).
 
     Args:
       directory: the managed directory; must exist.
       state: paths absolute or relative to the working directory, all inside
         ``directory``.
+      pending_deletion: checkpoints the writer deletes right after this write. They are
+        recorded apart from the managed ones (readers never take them for checkpoints),
+        so a manager killed before it deleted them lets the next one finish the job.
 
     Raises:
       CorruptCheckpointError: a path lies outside ``directory``.
@@ -160,6 +198,8 @@ def write_checkpoint_state(directory: str | os.PathLike, state: CheckpointState)
         "all_model_checkpoint_timestamps": list(state.all_model_checkpoint_timestamps),
         "last_preserved_timestamp": state.last_preserved_timestamp,
     }
+    if pending_deletion:
+        document["pending_deletion"] = [_relative(directory, p) for p in pending_deletion]
     data = (json.dumps(document, indent=2) + "\n").encode()
     # Locally: temporary file (its name carries the tmp marker, so a crash leaves
     # something the next manager's cleanup removes), fsync, rename, fsync the directory.
@@ -199,6 +239,28 @@ def get_checkpoint_state(directory: str | os.PathLike) -> CheckpointState | None
         ) from error
 
 
+def get_pending_deletion(directory: str | os.PathLike) -> list[str]:
+    """Checkpoints the last manager was about to delete when it wrote the state file.
+
+    Raises:
+      CorruptCheckpointError: the state file is malformed.
+    """
+    directory = os.fspath(directory)
+    storage = open_storage(directory)
+    try:
+        document = json.loads(storage.read_bytes(STATE_FILENAME, max_bytes=_MAX_STATE_BYTES))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except ValueError as error:
+        raise CorruptCheckpointError(f"State file of {directory!r}: {error}") from None
+    pending = document.get("pending_deletion", []) if isinstance(document, dict) else []
+    if not isinstance(pending, list):
+        raise CorruptCheckpointError(
+            f"State file of {directory!r}: pending_deletion must be a list, found "
+            f"{type(pending).__name__}")
+    return [os.path.join(directory, _check_relative(directory, p)) for p in pending]
+
+
 def _parse(directory: str, document: object) -> CheckpointState:
     if not isinstance(document, dict):
         raise ValueError(f"expected a JSON object, found {type(document).__name__}")
@@ -232,9 +294,11 @@ def latest_checkpoint(directory: str | os.PathLike) -> str | None:
     checkpoint it names is not (or no longer) committed on disk.
 
     Raises:
-      CorruptCheckpointError: the state file is malformed or points outside ``directory``.
+      CorruptCheckpointError: the state file is malformed or points outside ``directory``
+        (by its text, or through a symbolic link).
     """
     state = get_checkpoint_state(directory)
-    if state is None or not is_committed(state.model_checkpoint_path):
+    if state is None:
         return None
-    return state.model_checkpoint_path
+    path = check_inside(directory, state.model_checkpoint_path)
+    return path if is_committed(path) else None

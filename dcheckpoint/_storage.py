@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import uuid
 
 import tensorstore as ts
@@ -106,11 +107,22 @@ class LocalStorage:
     def remove(self, relpath: str) -> bool:
         """Deletes one file or sub-tree (a link itself, never its target) durably.
 
+        No symbolic link is followed: a link is unlinked as a link, and a ``relpath``
+        that reaches its last component through a link is refused, so a hostile or
+        mistaken link never makes deletion touch anything outside this directory.
+
         Returns:
           Whether it existed.
+        Raises:
+          CheckpointError: a component of ``relpath`` before the last is a link.
         """
-        full = os.path.join(self.path, relpath)
-        if os.path.isdir(full) and not os.path.islink(full):
+        full = self._no_links_before_last(relpath)
+        try:
+            mode = os.lstat(full).st_mode
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(mode):
+            # rmtree works on directory fds and unlinks links inside, never following.
             shutil.rmtree(full, ignore_errors=True)
         else:
             try:
@@ -120,6 +132,24 @@ class LocalStorage:
         fsync_dir(os.path.dirname(full))
         return True
 
+    def is_link(self) -> bool:
+        """Whether this storage's own path is a symbolic link (deletion never follows)."""
+        return os.path.islink(self.path)
+
+    def _no_links_before_last(self, relpath: str) -> str:
+        full = os.path.join(self.path, relpath)
+        parts = [p for p in os.path.normpath(relpath).split(os.sep) if p not in ("", ".")]
+        if ".." in parts or os.path.isabs(relpath):
+            raise CheckpointError(f"{full}: refusing a path that leaves {self.path}")
+        for i in range(1, len(parts)):
+            inner = os.path.join(self.path, *parts[:i])
+            if os.path.islink(inner):
+                raise CheckpointError(
+                    f"Refusing to delete {full}: {inner} is a symbolic link (to "
+                    f"{os.readlink(inner)!r}); expected a plain directory"
+                )
+        return full
+
     def kvstore_spec(self, relpath: str = "") -> dict:
         """TensorStore kvstore spec of a sub-directory (trailing slash: a directory)."""
         return {"driver": "file", "path": os.path.join(self.path, relpath, "")}
@@ -128,13 +158,71 @@ class LocalStorage:
         return os.path.exists(os.path.join(self.path, relpath))
 
     def read_bytes(self, relpath: str, *, max_bytes: int) -> bytes:
-        """Reads a small file; refuses one larger than ``max_bytes`` (untrusted input)."""
+        """Reads a small file; refuses one larger than ``max_bytes`` (untrusted input).
+
+        Only a regular file is read. The file is opened without blocking and without
+        following a final symbolic link, then checked with ``fstat``: a FIFO, socket,
+        device or directory under a checkpoint's file name is refused at once (a FIFO
+        would otherwise block the reader forever).
+
+        Raises:
+          FileNotFoundError: no such file.
+          CorruptCheckpointError: a link, not a regular file, or too large.
+        """
         full = self.resolve_inside(relpath)
-        with open(full, "rb") as f:
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENXIO, errno.EOPNOTSUPP):
+                raise CorruptCheckpointError(
+                    f"{full}: expected a regular file, found "
+                    f"{_kind(os.lstat(full).st_mode)}"
+                ) from None
+            raise
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise CorruptCheckpointError(f"{full}: expected a regular file, found {_kind(mode)}")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
             data = f.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise CorruptCheckpointError(f"{full}: larger than the {max_bytes}-byte limit")
         return data
+
+    def scan_files(self, relpath: str) -> list[str]:
+        """Paths of the files under ``relpath`` (relative to it), refusing odd entries.
+
+        For data that TensorStore is about to open: every entry must be a plain file or
+        directory. A FIFO would block the read forever, a device could be endless, and a
+        link could lead anywhere, so each is a CorruptCheckpointError naming it. Reads
+        only directory entries (``d_type``), no ``stat`` per file.
+        """
+        root = os.path.join(self.path, relpath)
+        found, stack = [], [""]
+        while stack:
+            sub = stack.pop()
+            try:
+                entries = list(os.scandir(os.path.join(root, sub)))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            for entry in entries:
+                rel = f"{sub}/{entry.name}" if sub else entry.name
+                if entry.is_symlink():
+                    raise CorruptCheckpointError(
+                        f"{entry.path}: a symbolic link (to {os.readlink(entry.path)!r}); "
+                        "expected a regular file or directory"
+                    )
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(rel)
+                elif entry.is_file(follow_symlinks=False):
+                    found.append(rel)
+                else:
+                    raise CorruptCheckpointError(
+                        f"{entry.path}: expected a regular file or directory, found "
+                        f"{_kind(entry.stat(follow_symlinks=False).st_mode)}"
+                    )
+        return sorted(found)
 
     def write_bytes_atomic(self, relpath: str, data: bytes) -> None:
         """Writes a file so that readers see the old content or the new, never a mix."""
@@ -181,9 +269,13 @@ class LocalStorage:
         RENAME_EXCHANGE), so a crash leaves either the old or the new one in place.
         """
         parent = os.path.dirname(self.path)
-        if os.path.exists(self.path):
+        if os.path.lexists(self.path):
             _exchange(staged.path, self.path)
-            shutil.rmtree(staged.path)  # now holds the replaced checkpoint
+            # staged.path now holds what was replaced: a link is unlinked, never followed.
+            if os.path.islink(staged.path) or not os.path.isdir(staged.path):
+                os.remove(staged.path)
+            else:
+                shutil.rmtree(staged.path)
         else:
             os.rename(staged.path, self.path)
         fsync_dir(parent)
@@ -411,6 +503,16 @@ def _clean_key(key: str, *, where: str) -> str:
 def _successor(prefix: str) -> str:
     """The smallest string after every string that starts with ``prefix``."""
     return prefix[:-1] + chr(ord(prefix[-1]) + 1)
+
+
+def _kind(mode: int) -> str:
+    """What a file mode is, in words, for messages."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "a regular file" if stat.S_ISREG(mode) else f"file mode {mode:o}"
 
 
 def fsync_dir(path: str) -> None:

@@ -15,20 +15,22 @@ uncompressed chunk whose file has the wrong size is reported without being decod
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import os
+import stat
 
 from . import _tensorstore as tsio
+from ._bounds import chunk_nbytes, chunk_total, grid_shape, memory_limit
 from ._engine import read_metadata
 from ._metadata import ArrayMetadata, CheckpointMetadata
-from ._storage import LocalStorage, ObjectStorage, open_storage
+from ._storage import LocalStorage, ObjectStorage, _kind, open_storage
 from .errors import CheckpointError, CorruptCheckpointError
 
 __all__ = ["verify", "chunk_count", "VerifyReport", "VerifyProblem"]
 
 _READ_WINDOW = 16  # chunks in flight at once
 _CRC32C_BYTES = 4
+_MAX_MISSING_LISTED = 20  # missing chunks named one by one; the rest are counted
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -140,13 +142,8 @@ def chunk_count(metadata: CheckpointMetadata) -> int:
     return sum(_chunk_total(a) for a in metadata.arrays.values())
 
 
-def _grid_shape(meta: ArrayMetadata) -> list[int]:
-    """Chunks along each dimension."""
-    return [-(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True)]
-
-
-def _chunk_total(meta: ArrayMetadata) -> int:
-    return 0 if 0 in meta.shape else math.prod(_grid_shape(meta))
+_grid_shape = grid_shape
+_chunk_total = chunk_total
 
 
 def _symlinks(storage: LocalStorage | ObjectStorage) -> list[tuple[str, str]]:
@@ -179,6 +176,7 @@ class _ArrayChecker:
     def run(self) -> None:
         try:
             self.storage.resolve_inside(self.meta.storage_path)
+            self._check_regular(f"{self.meta.storage_path}/zarr.json")
             array = tsio.open_for_read(
                 self.storage.kvstore_spec(self.meta.storage_path), self.meta
             ).result()
@@ -200,13 +198,36 @@ class _ArrayChecker:
         if [c["name"] for c in zarr_meta["codecs"]] == ["bytes", "crc32c"]:
             raw_size = math.prod(self.meta.chunk_shape) * self.meta.dtype.itemsize
             raw_size += _CRC32C_BYTES
-        window = []
+        # TensorStore decodes a whole chunk at once: one larger than half this host's
+        # memory (a crafted chunk shape, or a huge compressed one) is not decoded.
+        limit = memory_limit() // 2
+        too_big = chunk_nbytes(self.meta) > limit
+        window, window_bytes = [], 0
         for coords, rel in self._check_coverage():
-            if self._check_size(rel, raw_size):
-                window.append((rel, array[self._slices(coords)].read()))
-            if len(window) >= _READ_WINDOW:
+            if not self._check_size(rel, raw_size):
+                continue
+            if too_big:
+                self.problem(rel, f"chunk of {list(self.meta.chunk_shape)} "
+                             f"{self.meta.dtype.name} decodes to {chunk_nbytes(self.meta)} "
+                             f"bytes, more than half this host's memory; not read")
+                continue
+            window.append((rel, array[self._slices(coords)].read()))
+            window_bytes += chunk_nbytes(self.meta)
+            if len(window) >= _READ_WINDOW or window_bytes > limit // 2:
                 self._collect(window)
+                window_bytes = 0
         self._collect(window)
+
+    def _check_regular(self, rel: str) -> None:
+        """Refuses a local file that is not a regular file (a FIFO hangs TensorStore)."""
+        if not isinstance(self.storage, LocalStorage):
+            return
+        try:
+            mode = os.lstat(os.path.join(self.storage.path, rel)).st_mode
+        except FileNotFoundError:
+            return  # reported by TensorStore as a missing zarr.json
+        if not stat.S_ISREG(mode):
+            raise CorruptCheckpointError(f"{rel}: expected a regular file, found {_kind(mode)}")
 
     def _slices(self, coords) -> tuple[slice, ...]:
         return tuple(slice(i * c, min((i + 1) * c, s))
@@ -214,23 +235,44 @@ class _ArrayChecker:
                                         strict=True))
 
     def _check_coverage(self) -> list[tuple[tuple[int, ...], str]]:
-        """Every grid chunk has its file, and no file lies outside the grid."""
+        """Every grid chunk has its file, and no file lies outside the grid.
+
+        Works from the listing, never from the declared grid, so a crafted grid of
+        2**61 chunks costs what the files present cost: each file is parsed into grid
+        coordinates, and the grid itself is walked only until `_MAX_MISSING_LISTED`
+        missing chunks are named (at most that many steps past the files present).
+        """
         base = self.meta.storage_path
-        coords = [] if 0 in self.meta.shape else itertools.product(
-            *(range(n) for n in _grid_shape(self.meta)))
-        expected = [(c, "/".join([base, "c", *map(str, c)])) for c in coords]
+        grid = _grid_shape(self.meta)
+        total = _chunk_total(self.meta)
+        found = {}
         # A rank-0 array's single chunk is the file "c" itself, so list the array.
-        present = {f"{base}/{f}" for f in self.storage.list_files(base)
-                   if f == "c" or f.startswith("c/")}
-        wanted = {rel for _, rel in expected}
-        for rel in sorted(present - wanted):
-            self.problem(rel, "unexpected file: not a chunk of the array's grid "
-                         f"(grid {_grid_shape(self.meta)})")
-        for _, rel in expected:
-            if rel not in present:
-                self.problem(rel, "missing chunk file: expected every chunk of the grid "
-                             f"{_grid_shape(self.meta)} to be stored, found no file")
-        return [(c, rel) for c, rel in expected if rel in present]
+        for f in self.storage.list_files(base):
+            if f != "c" and not f.startswith("c/"):
+                continue
+            rel = f"{base}/{f}"
+            coords = _coords(f, grid)
+            if coords is None or total == 0:
+                self.problem(rel, "unexpected file: not a chunk of the array's grid "
+                             f"(grid {grid})")
+            else:
+                found[coords] = rel
+        missing = total - len(found)
+        if missing:
+            named = 0
+            for coords in _grid_coords(grid):
+                if coords in found:
+                    continue
+                self.problem("/".join([base, "c", *map(str, coords)]),
+                             "missing chunk file: expected every chunk of the grid "
+                             f"{grid} to be stored, found no file")
+                named += 1
+                if named == _MAX_MISSING_LISTED or named == missing:
+                    break
+            if missing > named:
+                self.problem(f"{base}/c", f"... and {missing - named} more missing chunk "
+                             f"files (grid {grid}: {total} chunks, {len(found)} present)")
+        return sorted(found.items())
 
     def _check_size(self, rel: str, raw_size: int | None) -> bool:
         """Counts a chunk's bytes before it is read; False if its file has the wrong size."""
@@ -240,7 +282,11 @@ class _ArrayChecker:
             self.nbytes += raw_size or math.prod(self.meta.chunk_shape) * \
                 self.meta.dtype.itemsize
             return True
-        size = os.path.getsize(os.path.join(self.storage.path, rel))
+        info = os.lstat(os.path.join(self.storage.path, rel))
+        if not stat.S_ISREG(info.st_mode):
+            self.problem(rel, f"expected a regular chunk file, found {_kind(info.st_mode)}")
+            return False
+        size = info.st_size
         if raw_size is not None and size != raw_size:
             self.problem(rel, f"chunk file is {size} bytes, expected {raw_size} "
                          "(truncated or padded)")
@@ -260,3 +306,33 @@ class _ArrayChecker:
             self.advance(len(window))
             self.advanced += len(window)
         window.clear()
+
+
+def _coords(relpath: str, grid: list[int]) -> tuple[int, ...] | None:
+    """Grid coordinates of a chunk key ``c/i/j/...``, or None if it is not one."""
+    parts = relpath.split("/")[1:]
+    if len(parts) != len(grid):
+        return None
+    coords = []
+    for part, n in zip(parts, grid, strict=True):
+        if not (part.isascii() and part.isdigit()) or part != str(int(part)) or int(part) >= n:
+            return None
+        coords.append(int(part))
+    return tuple(coords)
+
+
+def _grid_coords(grid: list[int]):
+    """Yields every coordinate of ``grid`` in order, lazily (``itertools.product``
+    would first build a tuple of each whole ``range``: 2**30 entries for a crafted grid)."""
+    if 0 in grid:
+        return
+    coords = [0] * len(grid)
+    while True:
+        yield tuple(coords)
+        for dim in reversed(range(len(grid))):
+            coords[dim] += 1
+            if coords[dim] < grid[dim]:
+                break
+            coords[dim] = 0
+        else:
+            return

@@ -87,11 +87,12 @@ def test_a_reused_pid_is_not_taken_for_the_holder(tmp_path):
 
 
 @pytest.mark.parametrize("age_secs, broken", [(10.0, False), (7200.0, True)])
-def test_another_hosts_lock_is_broken_only_when_old(tmp_path, age_secs, broken):
-    _write_lock(tmp_path, host="some-other-host", pid=12345, acquired_at=0)
+def test_another_hosts_lock_is_broken_at_once_only_when_two_leases_old(
+        tmp_path, age_secs, broken):
+    _write_lock(tmp_path, host="some-other-host", pid=12345, acquired_at=0, lease_secs=3600)
     past = time.time() - age_secs
     os.utime(tmp_path / LOCK_FILENAME, (past, past))
-    lock = DirectoryLock(tmp_path, stale_after_secs=3600)
+    lock = DirectoryLock(tmp_path, wait=False)
     if broken:
         lock.acquire().release()
     else:
@@ -102,9 +103,69 @@ def test_another_hosts_lock_is_broken_only_when_old(tmp_path, age_secs, broken):
 def test_an_unreadable_lock_file_is_refused_while_fresh_and_broken_when_old(tmp_path):
     (tmp_path / LOCK_FILENAME).write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointLockedError, match="host None"):
-        DirectoryLock(tmp_path).acquire()
+        DirectoryLock(tmp_path, wait=False).acquire()
     os.utime(tmp_path / LOCK_FILENAME, (0, 0))
-    DirectoryLock(tmp_path, stale_after_secs=60).acquire().release()
+    DirectoryLock(tmp_path, lease_secs=60, wait=False).acquire().release()
+
+
+def test_a_fresh_lock_of_a_dead_job_on_another_host_is_taken_over_after_its_lease(tmp_path):
+    # The restarted job runs elsewhere: the dead holder's pid cannot be checked, and its
+    # lock file was touched just now. Nobody renews it, so it goes after its lease.
+    _write_lock(tmp_path, host="node-a", pid=4242, job="777", acquired_at=time.time(),
+                lease_secs=1.0, token="dead")
+    with DirectoryLock(tmp_path) as lock:
+        assert lock.held
+        holder = json.loads((tmp_path / LOCK_FILENAME).read_text())
+        assert holder["pid"] == os.getpid() and holder["token"] != "dead"
+
+
+RENEWING_HOLDER = textwrap.dedent("""
+    import socket, sys, time
+    socket.gethostname = lambda: "node-a"  # the holder runs on another host
+    from dcheckpoint._lock import DirectoryLock
+    lock = DirectoryLock(sys.argv[1], lease_secs=1.0).acquire()
+    print("ACQUIRED", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_live_renewing_holder_on_another_host_is_never_taken_over(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    holder = subprocess.Popen([sys.executable, "-c", RENEWING_HOLDER, str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ACQUIRED"
+        for _ in range(3):  # each try watches the file for the holder's 1 s lease
+            with pytest.raises(CheckpointLockedError,
+                               match=r"renewed the lease.*host 'node-a', pid \d+, job"):
+                DirectoryLock(tmp_path).acquire()
+        assert json.loads((tmp_path / LOCK_FILENAME).read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed: nobody renews any more, and the next writer takes over after the lease.
+    with DirectoryLock(tmp_path) as lock:
+        assert json.loads((tmp_path / LOCK_FILENAME).read_text())["pid"] == os.getpid()
+        assert lock.held
+
+
+def test_a_holder_that_was_taken_over_knows_it_lost_the_lock(tmp_path):
+    lock = DirectoryLock(tmp_path, lease_secs=60).acquire()
+    lock.check()
+    os.remove(tmp_path / LOCK_FILENAME)  # broken by hand, then taken by another job
+    _write_lock(tmp_path, host="node-b", pid=99, token="theirs")
+    with pytest.raises(CheckpointLockedError, match="Lost the lock.*host 'node-b', pid 99"):
+        lock.check()
+    lock.release()
+    assert json.loads((tmp_path / LOCK_FILENAME).read_text())["token"] == "theirs"
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_lock_path_that_is_not_a_regular_file_is_refused_without_blocking(tmp_path, kind):
+    path = tmp_path / LOCK_FILENAME
+    os.mkfifo(path) if kind == "fifo" else os.mkdir(path)
+    with pytest.raises(CheckpointLockedError, match="not a regular file"):
+        DirectoryLock(tmp_path, wait=False).acquire()
 
 
 def test_release_leaves_a_lock_that_is_no_longer_ours(tmp_path):

@@ -1,0 +1,112 @@
+"""What a restore checks before it allocates anything for a (possibly crafted) array.
+
+Metadata is signed, but anyone can sign it: a 500-byte file may declare a shape of
+``[2**31, 2**30]`` with ``[1, 1]`` chunks. Read naively, that is a chunk grid of 2**61
+entries in Python, or a buffer TensorStore cannot allocate (``std::bad_alloc`` aborts
+the whole process, no exception to catch). So before a restore opens an array:
+
+* the largest piece this process reads in one buffer (one device's slice, or a host
+  target's whole array), and the largest chunk TensorStore would decode, must fit in
+  this host's physical memory (a larger one could never be allocated anyway). The sum
+  over all arrays is not bounded: reads are windowed, and a restore may stream to
+  devices more than the host holds at once;
+* the declared chunk grid must match the chunk files that exist: a committed array
+  stores every chunk as a file, so a grid larger than the listing is a crafted or
+  damaged array. On a local filesystem every file of the array is also checked to be
+  a regular file or directory (a FIFO would hang the reader, a device could be
+  endless, a link could lead anywhere); that costs one directory read per directory,
+  no ``stat`` per file. Object stores are listed only for arrays that declare more
+  than `LIST_ABOVE_CHUNKS` chunks: a LIST per small array would slow every restore,
+  and a small grid is harmless.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+from ._metadata import METADATA_FILE, ArrayMetadata
+from ._storage import LocalStorage
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
+
+__all__ = ["memory_limit", "chunk_total", "grid_shape", "check_restore", "LIST_ABOVE_CHUNKS"]
+
+LIST_ABOVE_CHUNKS = 4096
+
+
+def memory_limit() -> int:
+    """This host's physical memory in bytes (the bound on what one restore may hold)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 1 << 40
+
+
+def grid_shape(meta: ArrayMetadata) -> list[int]:
+    """Chunks along each dimension."""
+    return [-(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True)]
+
+
+def chunk_total(meta: ArrayMetadata) -> int:
+    """How many chunk files a committed array has (a big int is fine: nothing is built)."""
+    return 0 if 0 in meta.shape else math.prod(grid_shape(meta))
+
+
+def chunk_nbytes(meta: ArrayMetadata) -> int:
+    return math.prod(meta.chunk_shape) * meta.dtype.itemsize
+
+
+def check_restore(storage, where: str, metadata, plans: dict) -> None:
+    """Refuses a restore whose arrays could not have been saved as declared.
+
+    Args:
+      storage: the checkpoint's storage.
+      where: the checkpoint's path, for messages.
+      metadata: its `CheckpointMetadata`.
+      plans: {array path: (sharding or None, reads)} as from `plan_read`.
+
+    Raises:
+      CorruptCheckpointError: naming the array, what it declares and what was found.
+    """
+    limit = memory_limit()
+    for path, (_, reads) in plans.items():
+        if not reads:
+            continue
+        meta = metadata.arrays[path]
+        largest = max(math.prod(s.stop - s.start for s in r.index) for r in reads)
+        if largest * meta.dtype.itemsize > limit:
+            raise CorruptCheckpointError(
+                f"Array {path!r} in {where}: shape {list(meta.shape)} {meta.dtype.name} "
+                f"needs {largest * meta.dtype.itemsize} bytes in one piece of this "
+                f"process, more than this host's {limit} bytes of memory; refusing to read"
+            )
+        if chunk_nbytes(meta) > limit:
+            raise CorruptCheckpointError(
+                f"Array {path!r} in {where}: declares chunks of {list(meta.chunk_shape)} "
+                f"{meta.dtype.name} ({chunk_nbytes(meta)} bytes each), more than this "
+                f"host's {limit} bytes of memory; refusing to read it"
+            )
+        check_chunk_files(storage, path, meta, where)
+
+
+def check_chunk_files(storage, name: str, meta: ArrayMetadata, where: str) -> None:
+    """Refuses an array whose declared chunk grid has more chunks than files exist."""
+    expected = chunk_total(meta)
+    if isinstance(storage, LocalStorage):
+        files = storage.scan_files(meta.storage_path)
+    elif expected > LIST_ABOVE_CHUNKS:
+        files = storage.list_files(meta.storage_path)
+    else:
+        return
+    found = sum(1 for f in files if f == "c" or f.startswith("c/"))
+    if found < expected and not storage.exists(METADATA_FILE):
+        raise CheckpointNotFoundError(
+            f"Checkpoint {where!r} was deleted while it was being read (its "
+            f"{METADATA_FILE} is gone; retention or another job removed it)"
+        )
+    if found < expected:
+        raise CorruptCheckpointError(
+            f"Array {name!r} in {where}: shape {list(meta.shape)} in chunks of "
+            f"{list(meta.chunk_shape)} is a grid of {expected} chunks, but only {found} "
+            f"chunk files exist: missing chunk files (damaged or crafted checkpoint)"
+        )
