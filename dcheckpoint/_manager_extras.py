@@ -92,10 +92,10 @@ class ManagerExtras:
     def delete(self, step) -> str:
         """Deletes checkpoint ``step`` (collective: every process calls it, as ``save``).
 
-        Waits for an async save in flight first. The coordinator deletes the commit
-        marker first (a deletion cut short leaves no checkpoint a reader would take for
-        whole) and updates the state file; when ``step`` was the latest, the newest
-        remaining managed checkpoint becomes the latest.
+        Waits for an async save in flight first. The coordinator writes the state file
+        without it first, then deletes it commit marker first (a deletion cut short
+        leaves no checkpoint a reader would take for whole); when ``step`` was the
+        latest, the newest remaining managed checkpoint becomes the latest.
 
         Returns:
           The deleted checkpoint's path, on every process.
@@ -114,9 +114,11 @@ class ManagerExtras:
                         f"No committed checkpoint for step {step} in {self._directory!r} to "
                         f"delete; available steps: {self.all_steps()}"
                     )
-                self._delete(path)
+                # The state without it goes first: a reader of the state file never
+                # finds a checkpoint that is already gone.
                 self._forget(path)
-                self._record_after_delete()
+                self._record_after_delete(pending_deletion=[path])
+                self._delete(path)
             except Exception as e:  # noqa: BLE001 (sent to every process, raised below)
                 outcome = {"path": path, "error": f"{type(e).__name__}: {e}",
                            "not_found": isinstance(e, CheckpointNotFoundError)}
@@ -149,11 +151,11 @@ class ManagerExtras:
             if self._latest_checkpoint == path:
                 self._latest_checkpoint = next(reversed(self._maybe_delete), None)
 
-    def _record_after_delete(self) -> None:
-        """The state file after a delete (coordinator); removed when nothing is left."""
+    def _record_after_delete(self, pending_deletion) -> None:
+        """The state file before a delete (coordinator); removed when nothing is left."""
         with self._lock:
             if self._latest_checkpoint is not None:
-                self._record_state()
+                self._record_state(pending_deletion=pending_deletion)
                 return
         open_storage(self._directory).remove(STATE_FILENAME)
 
