@@ -10,6 +10,8 @@ from tests.mp_util import results, run_launch
 
 WORKERS = Path(__file__).parent / "workers"
 HINT = "a peer process may have crashed or be stuck; possible fixes:"
+RESTART = ("the job's processes are out of step, so every later checkpoint call fails: "
+           "restart the job (every process) and resume from its latest checkpoint")
 
 
 def test_local_communicator_returns_its_own_payloads():
@@ -69,7 +71,8 @@ def test_collectives_and_timeouts_under_mpiexec(processes):
                     f"Timed out after 0.5s waiting for save manifests from processes [{last}]: "
                     f"{HINT} look for an earlier error in the other processes' output; make "
                     "sure every process makes the same checkpoint calls in the same order; "
-                    "raise CheckpointOptions(timeout_secs=...) if storage is slow"
+                    "raise CheckpointOptions(timeout_secs=...) if storage is slow. "
+                    f"Checkpointing in this job cannot continue: {RESTART}"
                 )
                 assert "broadcast" not in errors
             else:
@@ -80,3 +83,10 @@ def test_collectives_and_timeouts_under_mpiexec(processes):
                 )
             if rank == last:
                 assert "gather" not in errors
+            # After either timeout every process's next collective fails at once (no
+            # waiting, no stale message taken for a new one), saying the job must restart.
+            for after in ("after_gather", "after_broadcast"):
+                assert errors[after].startswith(
+                    "CoordinationError: Cannot run the next collective: checkpoint "
+                    "coordination stopped after an earlier failure ("), errors[after]
+                assert errors[after].endswith(f"); {RESTART}")
