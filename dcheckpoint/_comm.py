@@ -445,16 +445,16 @@ class JaxDistributedCommunicator(Communicator):
     _ABORT_POLL_SECS = 0.25
 
     def __init__(self):
-        import jax
         from jax._src import distributed
 
-        self._client = distributed.global_state.client
+        state = distributed.global_state
+        self._client = state.client
         if self._client is None:
             raise RuntimeError(
                 "JaxDistributedCommunicator needs jax.distributed to be initialised; call "
                 "launch.initialize() or jax.distributed.initialize() first"
             )
-        super().__init__(jax.process_index(), jax.process_count())
+        super().__init__(state.process_id, state.num_processes)
         self._namespace = f"dcheckpoint/comm/{next(self._instance_numbers)}"
         self._stale_keys: list[str] = []
 
@@ -677,13 +677,16 @@ def default_communicator() -> Communicator:
 
 
 def _make_default() -> Communicator:
-    import jax
+    # From jax.distributed's state, not jax.process_count(): that starts JAX's backend,
+    # itself a collective wait on every process's devices.
+    from jax._src import distributed
 
-    if jax.process_count() == 1:
+    state = distributed.global_state
+    if state.client is None or state.num_processes == 1:
         return LocalCommunicator()
     from launch import private_mpi_comm
 
     comm = private_mpi_comm()
-    if comm is not None and comm.Get_size() == jax.process_count():
+    if comm is not None and comm.Get_size() == state.num_processes:
         return MPICommunicator(comm, duplicate=False)
     return JaxDistributedCommunicator()
