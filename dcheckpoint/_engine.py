@@ -147,7 +147,15 @@ def write_and_commit(
                     "table": _table_digest(plan), "compression": options.compression}
     except Exception as e:  # reported by the coordinator, on every process
         target, identity = None, {"error": f"process {comm.process_index}: {_describe(e)}"}
-    save_id = agree(comm, identity, _decide_save_id, kind="save",
+    replaced: list[str] = []  # (coordinator, object stores) data of earlier saves
+
+    def decide_save_id(identities: list[dict]) -> str:
+        save_id = _decide_save_id(identities)
+        if not target.renames_atomically:  # listed before any process writes
+            replaced.extend(n for n in target.list_dir() if n.startswith(_DATA_DIR_PREFIX))
+        return save_id
+
+    save_id = agree(comm, identity, decide_save_id, kind="save",
                     tag=f"save identity of {directory!r}", timeout_secs=timeout)
     plan = _in_data_dir(plan, data_dir_name(save_id))
 
@@ -165,7 +173,7 @@ def write_and_commit(
     def commit(reports: list[dict]) -> str:
         try:
             _check_manifests(plan, reports)
-            _commit(target, staged, plan, object_graph, options.compression, comm)
+            _commit(target, staged, plan, object_graph, options.compression, comm, replaced)
         except Exception as e:
             if staged is not None:
                 staged.remove_tree()  # every writer is done (they sent their manifests)
@@ -283,8 +291,13 @@ def _check_manifests(plan: SavePlan, reports: list[dict]) -> None:
             )
 
 
-def _commit(target, staged, plan: SavePlan, object_graph, compression, comm) -> None:
-    """(coordinator) Zarr metadata, group nodes, metadata file, fsync, publish."""
+def _commit(target, staged, plan: SavePlan, object_graph, compression, comm,
+            replaced=()) -> None:
+    """(coordinator) Zarr metadata, group nodes, metadata file, fsync, publish.
+
+    ``replaced``: data directories of earlier saves to this object store prefix, which
+    no committed metadata names once this save's metadata is written.
+    """
     creates = [
         tsio.open_for_write(staged.kvstore_spec(m.storage_path), m, compression, create=True)
         for m in plan.arrays.values()
@@ -310,19 +323,8 @@ def _commit(target, staged, plan: SavePlan, object_graph, compression, comm) -> 
     fsync_tree(staged.path)
     staged.write_bytes_atomic(METADATA_FILE, encode_metadata(meta))
     target.publish(staged)
-    if not target.renames_atomically:
-        # No rename swapped the old checkpoint out: remove the data of earlier saves to
-        # this prefix, now that no committed metadata points at it.
-        current = plan_data_dir(plan)
-        for name in target.list_dir():
-            if name.startswith(_DATA_DIR_PREFIX) and name != current:
-                target.remove(name)
-
-
-def plan_data_dir(plan: SavePlan) -> str | None:
-    """The data directory of a planned save (None before `_in_data_dir`)."""
-    first = next(iter(plan.arrays.values()), None)
-    return first.storage_path.split("/", 1)[0] if first is not None else None
+    for name in replaced:  # no rename swapped them out (object stores): remove them
+        target.remove(name)
 
 
 def is_committed(directory: str) -> bool:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import dcheckpoint
+from dcheckpoint import _engine
 from dcheckpoint.errors import CheckpointNotFoundError
 from tests.mp_util import REPO_ROOT, results, run_launch
 
@@ -36,6 +37,31 @@ def test_processes_saving_different_paths_raise_the_same_error_and_commit_nothin
     for r in out:
         assert r["first"] == r["after"] == [1.0] * 8
         assert r["first_unchanged"] is True
+
+
+def test_processes_making_different_kinds_of_call_raise_the_same_error(tmp_path):
+    out = results(run_launch(WORKER, "kinds", tmp_path, processes=2, devices_per_process=1,
+                             timeout=120))
+    assert out[0]["error"] == out[1]["error"]
+    assert out[0]["type"] == out[1]["type"] == "CoordinationError"
+    assert out[0]["error"].startswith(
+        f"The processes are not making the same checkpoint call for save identity of "
+        f"{str(tmp_path / 'tree')!r}: processes [0] are in 'save' (step #0 of this job); "
+        "processes [1] are in 'manager start' (step #0 of this job)")
+    # Nothing was written by either call, and the job is still in step.
+    assert sorted(os.listdir(tmp_path)) == ["after"]
+    assert [r["after"] for r in out] == [str(tmp_path / "after")] * 2
+
+
+def test_an_old_reader_of_an_overwritten_checkpoint_gets_a_clear_error(tmp_path):
+    path = str(tmp_path / "ckpt-5")
+    dcheckpoint.save_pytree(path, {"w": np.full(4, 1, np.int32)})
+    old = dcheckpoint.read_metadata(path)
+    dcheckpoint.save_pytree(path, {"w": np.full(4, 2, np.int32)})
+    with pytest.raises(CheckpointNotFoundError, match=(
+            f"Checkpoint {path!r} was replaced by another save while it was being read")):
+        _engine.restore_arrays(path, {"w": None}, metadata=old)
+    assert dcheckpoint.restore_pytree(path, {"w": None})["w"].tolist() == [2] * 4
 
 
 @pytest.mark.parametrize("kind", ["mpi", "jax"])

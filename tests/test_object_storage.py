@@ -289,3 +289,18 @@ def test_verify_on_s3_reports_stray_and_missing_chunk_objects(bucket):
     assert (report.arrays_checked, report.chunks_checked, sum(steps)) == (1, 7, 8)
     assert report.bytes_read == 7 * (2 * 2 * 4 + 4)  # stored size: data plus crc32c
     assert storage.list_files(f"{w}/c/3") == ["0", "1"]
+
+
+def test_overwriting_a_prefix_leaves_one_data_directory_and_old_readers_get_a_clear_error(
+        bucket):
+    path = f"{bucket}/over/ckpt-5"
+    dcheckpoint.save_pytree(path, {"w": np.full(4, 1, np.int32)})
+    old = dcheckpoint.read_metadata(path)
+    dcheckpoint.save_pytree(path, {"w": np.full(4, 2, np.int32)})
+    # The new save's data is under a new name; the old one's is gone, not overwritten.
+    (data_dir,) = [n for n in open_storage(path).list_dir() if n.startswith("data-")]
+    assert dcheckpoint.read_metadata(path).arrays["w"].storage_path == f"{data_dir}/w"
+    assert old.arrays["w"].storage_path != f"{data_dir}/w"
+    with pytest.raises(CheckpointNotFoundError, match="replaced by another save while"):
+        dcheckpoint._engine.restore_arrays(path, {"w": None}, metadata=old)
+    np.testing.assert_array_equal(dcheckpoint.restore_pytree(path, {"w": None})["w"], [2] * 4)

@@ -1,6 +1,7 @@
 """Run by tests/test_coordination_integrity.py under ``python -m launch``.
 
 usage: agree_worker.py paths DIR
+       agree_worker.py kinds DIR
        agree_worker.py alone DIR RANK mpi|jax
 Prints ``RESULT {json}`` per rank.
 """
@@ -13,6 +14,7 @@ import launch
 
 info = launch.initialize()
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
@@ -21,6 +23,9 @@ from dcheckpoint import _comm, _engine  # noqa: E402
 
 RANK = info.process_index
 mode, directory = sys.argv[1:3]
+# Start JAX's backend on every process now, as a training job has by its first
+# checkpoint call (starting it is itself a wait for every process's devices).
+jax.devices()
 
 
 def failure(call) -> tuple[str | None, str | None]:
@@ -49,6 +54,18 @@ if mode == "paths":
            first=dcheckpoint.restore_pytree(first, {"w": None})["w"].tolist(),
            first_unchanged=sorted(os.listdir(first)) == before,
            after=dcheckpoint.restore_pytree(after, {"w": None})["w"].tolist())
+elif mode == "kinds":
+    # Rank 0 saves a pytree while rank 1 starts a manager: different kinds of call.
+    tree = {"w": np.ones(8, np.float32)}
+    if RANK == 0:
+        kind, error = failure(lambda: dcheckpoint.save_pytree(
+            os.path.join(directory, "tree"), tree))
+    else:
+        checkpoint = dcheckpoint.Checkpoint(w=dcheckpoint.Variable(np.ones(8, np.float32)))
+        kind, error = failure(lambda: dcheckpoint.CheckpointManager(
+            checkpoint, os.path.join(directory, "run"), max_to_keep=1))
+    after = dcheckpoint.save_pytree(os.path.join(directory, "after"), tree)
+    report(type=kind, error=error, after=after)
 else:
     alone, kind = int(sys.argv[3]), sys.argv[4]
     comm = _comm.JaxDistributedCommunicator() if kind == "jax" else None
