@@ -127,6 +127,15 @@ def _unframe(message: bytes, sequence: int, sender: int, tag: str) -> bytes:
     )
 
 
+def _short(error: BaseException) -> str:
+    """``error``'s message without the advice every one of ours ends with."""
+    text = str(error)
+    for advice in (f". Checkpointing in this job cannot continue: {_RESTART}", f"; {_RESTART}",
+                   f": {_RESTART}"):
+        text = text.removesuffix(advice)
+    return text
+
+
 class Communicator(abc.ABC):
     """Gather, broadcast and barrier among the processes of one job.
 
@@ -214,8 +223,8 @@ class Communicator(abc.ABC):
             self._sequence += 1
             try:
                 return collective(sequence, deadline)
-            except CoordinationError as error:
-                self._break(f"{tag} failed on process {self.process_index}: {error}")
+            except Exception as error:  # a collective cut short leaves the job out of step
+                self._break(f"{tag} failed on process {self.process_index}: {_short(error)}")
                 raise
 
     def _raise_if_broken(self, tag: str) -> None:
@@ -251,6 +260,7 @@ class Communicator(abc.ABC):
             f"Process {sender} gave up on the job's checkpoint coordination while this "
             f"process was in {tag} ({reason}); {_RESTART}"
         )
+
 
     @abc.abstractmethod
     def _gather(self, payload: bytes, tag: str, deadline: _Deadline,
