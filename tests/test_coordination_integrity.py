@@ -64,12 +64,16 @@ def test_an_old_reader_of_an_overwritten_checkpoint_gets_a_clear_error(tmp_path)
     assert dcheckpoint.restore_pytree(path, {"w": None})["w"].tolist() == [2] * 4
 
 
-@pytest.mark.parametrize("kind", ["mpi", "jax"])
-@pytest.mark.parametrize("alone", [0, 1])
-def test_a_save_made_by_one_process_times_out_and_the_next_says_restart(tmp_path, kind, alone):
-    # The job's very first checkpoint call, made by one process only: bounded by
-    # timeout_secs (2 s), then every process's next save fails at once, clearly.
-    out = results(run_launch(WORKER, "alone", tmp_path, alone, kind, processes=2,
+@pytest.mark.parametrize(("kind", "alone", "when"), [
+    ("mpi", 0, "first"), ("mpi", 1, "first"), ("jax", 0, "first"), ("jax", 1, "first"),
+    ("mpi", 0, "later"), ("jax", 1, "later"),
+])
+def test_a_save_made_by_one_process_times_out_and_the_next_says_restart(
+        tmp_path, kind, alone, when):
+    # A save made by one process only (the job's very first checkpoint call, or one
+    # after a matched save): bounded by timeout_secs (2 s), then every process's next
+    # save fails at once, clearly, instead of pairing with the stale messages.
+    out = results(run_launch(WORKER, "alone", tmp_path, alone, kind, when, processes=2,
                              devices_per_process=1, timeout=120))
     assert [r["rank"] for r in out] == [0, 1]
     lone = out[alone]
@@ -82,7 +86,8 @@ def test_a_save_made_by_one_process_times_out_and_the_next_says_restart(tmp_path
         assert r["next_error"].endswith(RESTART)
         assert "JSONDecodeError" not in r["next_error"]
         assert r["later_type"] == "CoordinationError"
-    assert sorted(os.listdir(tmp_path)) == []  # nothing committed, nothing staged
+    # Nothing of the lone save or the later ones committed, nothing staged.
+    assert sorted(os.listdir(tmp_path)) == (["warm"] if when == "later" else [])
 
 
 def test_a_reader_racing_overwrites_of_one_checkpoint_never_sees_a_mix(tmp_path):

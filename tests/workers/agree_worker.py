@@ -2,7 +2,7 @@
 
 usage: agree_worker.py paths DIR
        agree_worker.py kinds DIR
-       agree_worker.py alone DIR RANK mpi|jax
+       agree_worker.py alone DIR RANK mpi|jax first|later
 Prints ``RESULT {json}`` per rank.
 """
 
@@ -67,7 +67,7 @@ elif mode == "kinds":
     after = dcheckpoint.save_pytree(os.path.join(directory, "after"), tree)
     report(type=kind, error=error, after=after)
 else:
-    alone, kind = int(sys.argv[3]), sys.argv[4]
+    alone, kind, when = int(sys.argv[3]), sys.argv[4], sys.argv[5]
     comm = _comm.JaxDistributedCommunicator() if kind == "jax" else None
 
     def save(name, timeout_secs):
@@ -80,6 +80,8 @@ else:
                                    comm=comm)
 
     facts = {}
+    if when == "later":  # a matched save first: the lone one is not the job's first
+        facts["warm"] = save("warm", 20)
     if RANK == alone:
         facts["alone_type"], facts["alone_error"] = failure(lambda: save("solo", 2))
     total = np.zeros(1, np.int64)
