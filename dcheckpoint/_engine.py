@@ -147,23 +147,20 @@ def write_and_commit(
                     "table": _table_digest(plan), "compression": options.compression}
     except Exception as e:  # reported by the coordinator, on every process
         target, identity = None, {"error": f"process {comm.process_index}: {_describe(e)}"}
-    replaced: list[str] = []  # (coordinator, object stores) data of earlier saves
-
-    def decide_save_id(identities: list[dict]) -> str:
-        save_id = _decide_save_id(identities)
-        if not target.renames_atomically:  # listed before any process writes
-            replaced.extend(n for n in target.list_dir() if n.startswith(_DATA_DIR_PREFIX))
-        return save_id
-
-    save_id = agree(comm, identity, decide_save_id, kind="save",
+    save_id = agree(comm, identity, _decide_save_id, kind="save",
                     tag=f"save identity of {directory!r}", timeout_secs=timeout)
-    plan = _in_data_dir(plan, data_dir_name(save_id))
+    data_dir = data_dir_name(save_id)
+    plan = _in_data_dir(plan, data_dir)
 
     # 2. (all) write owned chunks; 3. (all) report them to the coordinator.
     manifest: dict[str, Any] = {"process": comm.process_index}
     staged = local_error = None
+    replaced: list[str] = []  # (coordinator, object stores) data of earlier saves
     try:
         staged = target.staging(save_id)
+        if comm.is_coordinator and not target.renames_atomically:
+            replaced = [name for name in target.list_dir()
+                        if name.startswith(_DATA_DIR_PREFIX) and name != data_dir]
         manifest["chunks"] = _write_chunks(staged, plan, options.compression)
     except Exception as e:  # reported to every process through the coordinator
         manifest["error"] = f"process {comm.process_index}: {_describe(e)}"
@@ -185,7 +182,7 @@ def write_and_commit(
         return agree(comm, manifest, commit, kind="save outcome",
                      tag=f"save manifests and outcome of {directory!r}", timeout_secs=timeout)
     except CheckpointError as e:
-        if local_error is not None and e.__cause__ is None:
+        if local_error is not None:  # this process's own failure is the cause to show
             e.__cause__ = local_error
         raise
 
