@@ -1,9 +1,10 @@
 """The save queue: synchronous and asynchronous saves, in one order on every process.
 
-All saves of a process run on one background thread, one at a time, in the order they
-were issued. That single order is what keeps the collectives of consecutive saves
-matched across processes (process 0's second save never meets process 1's first), and
-it keeps our collectives off the training thread.
+All saves of a process run on the one collectives thread of ``_comm`` (with every
+other checkpoint collective: manager starts, exports, ``save_pytree``), one at a time,
+in the order they were issued. That single order is what keeps the collectives of
+consecutive calls matched across processes (process 0's second save never meets
+process 1's first), and it keeps our collectives off the training thread.
 
 An async save snapshots this process's shards to host memory before returning, so the
 caller may assign, donate or delete its arrays at once; the write and the commit run
@@ -18,17 +19,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Any
 
-from ._comm import default_communicator
+from ._comm import default_communicator, submit
 from ._engine import plan_save, snapshot, write_and_commit
 from ._log import log_save
 from ._options import CheckpointOptions, run_write_callbacks
 
 __all__ = ["Saver"]
 
-_EXECUTOR = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcheckpoint-save")
 _UNCOLLECTED: dict[int, Future] = {}
 _LOCK = threading.Lock()
 
@@ -80,7 +80,7 @@ class Saver:
 
         # An async caller waits for the previous save and the snapshot; sync: for all.
         blocked = time.perf_counter() - called
-        future = _EXECUTOR.submit(run)
+        future = submit(run)
         if not options.enable_async:
             return future.result()
         with _LOCK:
@@ -100,7 +100,7 @@ class Saver:
 
 def wait_for_all() -> None:
     """Waits for every save issued so far, by any Saver of this process."""
-    _EXECUTOR.submit(lambda: None).result()
+    submit(lambda: None).result()
 
 
 @atexit.register

@@ -1,17 +1,28 @@
 """The storage engine: save a set of named arrays as one atomic checkpoint, restore any
 subset onto any sharding.
 
-Save protocol (one gather and one broadcast of small JSON per save, plus the id):
+Save protocol: two agreement steps (``_comm.agree``: one small gather and one
+broadcast each), so the coordination cost grows with the processes, not the bytes.
 
-1. (coordinator) choose a save id; (all) receive it.
+1. (all) agree on the save's identity: the target path, the array table's digest, the
+   compression and which agreement of the job this is. (coordinator) if every process
+   names the same save, choose a save id; otherwise every process raises the same
+   CoordinationError naming who disagreed on what, and nothing is written.
 2. (all) write the chunks this process owns (replica 0 shards) into the staging
-   location ``<prefix>.tmp-<id>/``; processes never write the same file.
+   location ``<prefix>.tmp-<id>/``, under the save's own data directory
+   ``data-<id>/``; processes never write the same file.
 3. (all) send a manifest of what was written, or the local error, to the coordinator.
 4. (coordinator) check that every chunk of every array was written exactly once,
    write each array's ``zarr.json``, the group nodes, then the metadata file; fsync;
    rename the staging directory to ``<prefix>``.
 5. (all) receive the outcome: every process returns the same path or raises the same
    error.
+
+Every save keeps its arrays under ``data-<save id>/``, a name no other save uses, and
+the metadata's storage paths point there. So a checkpoint's data is never modified in
+place: overwriting ``ckpt-5`` puts new files under new names, and a reader still
+holding the old metadata reads the old files or, once they are gone, gets a
+CheckpointNotFoundError saying the checkpoint was replaced, never new bytes.
 
 Restore needs no coordination: each process reads the metadata, then only the slices
 its own devices need, straight into arrays for those devices.
@@ -38,7 +49,7 @@ import numpy as np
 from . import _tensorstore as tsio
 from . import errors
 from ._bounds import check_restore
-from ._comm import Communicator, default_communicator
+from ._comm import Communicator, agree, default_communicator, error_kind, run_ordered
 from ._log import log_save
 from ._metadata import (
     MAX_METADATA_BYTES,
@@ -51,7 +62,12 @@ from ._options import CheckpointOptions
 from ._plan import SavePlan, finish_read, plan_read, plan_save, record_process_values
 from ._state_file import STATE_FILENAME, latest_checkpoint
 from ._storage import fsync_tree, open_storage
-from .errors import CheckpointError, CheckpointNotFoundError, CoordinationError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CoordinationError,
+    CorruptCheckpointError,
+)
 
 __all__ = ["save_arrays", "plan_save", "snapshot", "write_and_commit", "read_metadata",
            "restore_arrays", "is_committed"]
@@ -78,8 +94,8 @@ def save_arrays(
     started = time.perf_counter()
     comm = comm or default_communicator()
     plan = plan_save(arrays, is_coordinator=comm.is_coordinator)
-    path = write_and_commit(directory, plan, object_graph=object_graph, options=options,
-                            comm=comm)
+    path = run_ordered(lambda: write_and_commit(
+        directory, plan, object_graph=object_graph, options=options, comm=comm))
     seconds = time.perf_counter() - started
     log_save(path, sum(m.nbytes for m in plan.arrays.values()), seconds, seconds)
     return path
@@ -126,57 +142,109 @@ def write_and_commit(
     """Steps 1-5 of the save protocol for an already planned save.
 
     ``user_metadata``: the caller's checked JSON dict, stored in the metadata file.
+
+    Collective; callers run it through ``_comm.run_ordered`` (or ``_comm.submit``) so
+    that it takes its place in the job's one order of collectives.
     """
     options = options or CheckpointOptions()
     comm = comm or default_communicator()
     timeout = options.timeout_secs
-    target = open_storage(directory, timeout_secs=timeout)  # bounds storage waits too
 
-    # 1. (coordinator) choose the save id; (all) receive it.
-    save_id = uuid.uuid4().hex[:12] if comm.is_coordinator else None
-    save_id = comm.broadcast(
-        save_id.encode() if save_id else None, tag="save id", timeout_secs=timeout
-    ).decode()
-    staged = target.staging(save_id)
+    # 1. (all) agree on which save this is; (coordinator) choose its id.
+    try:
+        target = open_storage(directory, timeout_secs=timeout)  # bounds storage waits too
+        identity = {"path": target.path, "arrays": len(plan.arrays),
+                    "table": _table_digest(plan), "compression": options.compression}
+    except Exception as e:  # reported by the coordinator, on every process
+        target, identity = None, {"error": f"process {comm.process_index}: {_describe(e)}"}
+    save_id = agree(comm, identity, _decide_save_id, kind="save",
+                    tag=f"save identity of {directory!r}", timeout_secs=timeout)
+    data_dir = data_dir_name(save_id)
+    plan = _in_data_dir(plan, data_dir)
 
     # 2. (all) write owned chunks; 3. (all) report them to the coordinator.
-    manifest: dict[str, Any] = {"process": comm.process_index, "arrays": _table_digest(plan),
+    manifest: dict[str, Any] = {"process": comm.process_index,
                                 "values": plan.process_values}
+    staged = local_error = None
+    replaced: list[str] = []  # (coordinator, object stores) data of earlier saves
     try:
+        staged = target.staging(save_id)
+        if comm.is_coordinator and not target.renames_atomically:
+            replaced = [name for name in target.list_dir()
+                        if name.startswith(_DATA_DIR_PREFIX) and name != data_dir]
         manifest["chunks"] = _write_chunks(staged, plan, options.compression)
     except Exception as e:  # reported to every process through the coordinator
         manifest["error"] = f"process {comm.process_index}: {_describe(e)}"
         local_error = e
-    else:
-        local_error = None
-    manifests = comm.gather(json.dumps(manifest).encode(), tag="save manifests",
-                            timeout_secs=timeout)
 
-    # 4. (coordinator) verify and commit.
-    outcome = None
-    if comm.is_coordinator:
+    # 4. (coordinator) verify and commit; 5. (all) receive the outcome.
+    def commit(reports: list[dict]) -> str:
         try:
-            reports = [json.loads(m) for m in manifests]
             _check_manifests(plan, reports)
-            object_graph = record_process_values(object_graph, reports)
-            _commit(target, staged, plan, object_graph, options.compression, comm,
+            graph = record_process_values(object_graph, reports)
+            _commit(target, staged, plan, graph, options.compression, comm, replaced,
                     user_metadata=user_metadata)
-            outcome = {"path": directory}
         except Exception as e:
-            staged.remove_tree()  # every writer is done (they sent their manifests)
-            outcome = {"error": _describe(e), "kind": _error_kind(e)}
-            local_error = local_error or e
+            if staged is not None:
+                staged.remove_tree()  # every writer is done (they sent their manifests)
+            error_type = getattr(errors, error_kind(e))
+            raise error_type(f"Saving checkpoint {directory!r} failed: {_describe(e)}") from e
+        return directory
 
-    # 5. (all) receive the outcome.
-    outcome = json.loads(comm.broadcast(
-        json.dumps(outcome).encode() if comm.is_coordinator else None,
-        tag="save outcome", timeout_secs=timeout,
-    ))
-    if "error" in outcome:
-        error_type = getattr(errors, outcome.get("kind", ""), CheckpointError)
-        raise error_type(f"Saving checkpoint {directory!r} failed: {outcome['error']}") \
-            from local_error
-    return directory
+    try:
+        return agree(comm, manifest, commit, kind="save outcome",
+                     tag=f"save manifests and outcome of {directory!r}", timeout_secs=timeout)
+    except CheckpointError as e:
+        if local_error is not None:  # this process's own failure is the cause to show
+            e.__cause__ = local_error
+        raise
+
+
+def _decide_save_id(identities: list[dict]) -> str:
+    """(coordinator) A new save id if every process names the same save; else raises."""
+    failures = [i["error"] for i in identities if "error" in i]
+    if failures:
+        raise CheckpointError("Cannot save: " + "; ".join(failures))
+    if any(i != identities[0] for i in identities):
+        raise CoordinationError(_disagreement(identities))
+    return uuid.uuid4().hex[:12]
+
+
+_IDENTITY_FIELDS = {"path": "the checkpoint path", "arrays": "the number of arrays",
+                    "table": "the array table (paths, shapes, dtypes)",
+                    "compression": "the compression"}
+
+
+def _disagreement(identities: list[dict]) -> str:
+    """Which processes disagree on what, for a save whose identities differ."""
+    parts = []
+    for field, what in _IDENTITY_FIELDS.items():
+        groups: dict[str, list[int]] = {}
+        for process, identity in enumerate(identities):
+            groups.setdefault(json.dumps(identity.get(field)), []).append(process)
+        if len(groups) > 1:
+            values = ", ".join(f"processes {procs}: {value}" for value, procs in groups.items())
+            parts.append(f"{what} ({values})")
+    return (
+        "The processes are not saving the same checkpoint, so nothing was written or "
+        f"committed; they disagree on {'; '.join(parts)}. Every process must make the "
+        "same checkpoint calls, with the same paths and trees, in the same order"
+    )
+
+
+_DATA_DIR_PREFIX = "data-"
+
+
+def data_dir_name(save_id: str) -> str:
+    """The directory, inside the checkpoint, holding the arrays of save ``save_id``."""
+    return f"{_DATA_DIR_PREFIX}{save_id}"
+
+
+def _in_data_dir(plan: SavePlan, data_dir: str) -> SavePlan:
+    """``plan`` with every array stored under ``data_dir/`` (the one place it is added)."""
+    arrays = {path: dataclasses.replace(meta, storage_path=f"{data_dir}/{meta.storage_path}")
+              for path, meta in plan.arrays.items()}
+    return dataclasses.replace(plan, arrays=arrays)
 
 
 def _write_chunks(staged, plan: SavePlan, compression) -> dict[str, list[list[int]]]:
@@ -212,13 +280,6 @@ def _check_manifests(plan: SavePlan, reports: list[dict]) -> None:
     failures = [r["error"] for r in reports if "error" in r]
     if failures:
         raise CheckpointError("; ".join(failures))
-    expected_digest = _table_digest(plan)
-    for r in reports:
-        if r["arrays"] != expected_digest:
-            raise CoordinationError(
-                f"process {r['process']} saved a different set of arrays (or shapes, "
-                "dtypes) than the coordinator; every process must save the same tree"
-            )
     for path, meta in plan.arrays.items():
         grid = [-(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True)]
         expected = math.prod(grid)  # 1 for a scalar, 0 for a zero-size array
@@ -235,9 +296,14 @@ def _check_manifests(plan: SavePlan, reports: list[dict]) -> None:
             )
 
 
-def _commit(target, staged, plan: SavePlan, object_graph, compression, comm, *,
-            user_metadata=None) -> None:
-    """(coordinator) Zarr metadata, group nodes, metadata file, fsync, publish."""
+def _commit(target, staged, plan: SavePlan, object_graph, compression, comm,
+            replaced=(), *, user_metadata=None) -> None:
+    """(coordinator) Zarr metadata, group nodes, metadata file, fsync, publish.
+
+    ``user_metadata``: the caller's checked JSON dict, stored in the metadata file.
+    ``replaced``: data directories of earlier saves to this object store prefix, which
+    no committed metadata names once this save's metadata is written.
+    """
     # Plain writes, not TensorStore's create-if-absent: see tsio.array_node.
     tsio.write_files(staged.kvstore_spec(), {
         f"{m.storage_path}/zarr.json": tsio.array_node(m, compression)
@@ -264,6 +330,8 @@ def _commit(target, staged, plan: SavePlan, object_graph, compression, comm, *,
     fsync_tree(staged.path)
     staged.write_bytes_atomic(METADATA_FILE, encode_metadata(meta))
     target.publish(staged)
+    for name in replaced:  # no rename swapped them out (object stores): remove them
+        target.remove(name)
 
 
 def is_committed(directory: str) -> bool:
@@ -311,6 +379,49 @@ def _manager_directory_hint(directory: str) -> str:
 
 
 def restore_arrays(
+    directory: str,
+    targets: Mapping[str, Any],
+    *,
+    metadata: CheckpointMetadata | None = None,
+) -> dict[str, Any]:
+    """Reads the arrays named in ``targets`` onto their target shardings.
+
+    See `_read_arrays` for the arguments. A checkpoint replaced (or deleted) while it
+    is being read makes the data its old metadata names disappear, never change
+    (each save writes under its own data directory): that is reported as such.
+
+    Raises:
+      CheckpointNotFoundError: also when the checkpoint was replaced or deleted while
+        being read (reading it again gives the new one).
+    """
+    metadata = metadata or read_metadata(directory)
+    try:
+        return _read_arrays(directory, targets, metadata=metadata)
+    except (CheckpointNotFoundError, CorruptCheckpointError) as error:
+        _raise_if_replaced(directory, metadata, error)
+        raise
+
+
+def _raise_if_replaced(directory: str, metadata: CheckpointMetadata, error: Exception) -> None:
+    """Raises a clear error if ``directory`` no longer holds the save ``metadata`` read."""
+    try:
+        now = read_metadata(directory)
+    except CheckpointNotFoundError:
+        raise CheckpointNotFoundError(
+            f"Checkpoint {directory!r} was deleted while it was being read ({error})"
+        ) from error
+    except CheckpointError:
+        return
+    before = {path: meta.storage_path for path, meta in metadata.arrays.items()}
+    if before != {path: meta.storage_path for path, meta in now.arrays.items()}:
+        raise CheckpointNotFoundError(
+            f"Checkpoint {directory!r} was replaced by another save while it was being "
+            f"read, so the files its earlier metadata named are gone; read it again "
+            f"({error})"
+        ) from error
+
+
+def _read_arrays(
     directory: str,
     targets: Mapping[str, Any],
     *,
@@ -496,13 +607,6 @@ def _table_digest(plan: SavePlan) -> str:
 
 def _describe(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
-
-
-def _error_kind(e: Exception) -> str:
-    for cls in type(e).__mro__:
-        if cls.__module__ == errors.__name__:
-            return cls.__name__
-    return "CheckpointError"
 
 
 def _preview(arrays: Mapping) -> str:

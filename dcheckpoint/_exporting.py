@@ -26,12 +26,18 @@ import jax
 import numpy as np
 
 from . import _engine
+from ._comm import agree, run_ordered
 from ._manager import CheckpointManager, _iterate, _wait_for_new
 from ._options import CheckpointOptions
 from ._state_file import delete_checkpoint
 from ._storage import LocalStorage
 from ._user_metadata import check_user_metadata
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CoordinationError,
+    CorruptCheckpointError,
+)
 
 __all__ = ["ExportingCheckpointManager", "LoadedSavedModel", "load_savedmodel"]
 
@@ -144,9 +150,7 @@ class ExportingCheckpointManager(CheckpointManager):
         number = self._next_number(checkpoint_number, check_interval)
         if number is None:
             return None
-        # The export's collectives must not interleave with an async save's, which run
-        # on the engine's background thread.
-        self._checkpoint.sync()
+        self._checkpoint.sync()  # an earlier async save's failure is raised before exporting
         artifact = self._export(number, options or CheckpointOptions())
         try:
             return self._write(number, options, metadata)
@@ -160,26 +164,40 @@ class ExportingCheckpointManager(CheckpointManager):
             raise
 
     def _export(self, number: int, options: CheckpointOptions) -> str:
-        """Writes one artifact (all processes; small files and commit: coordinator)."""
+        """Writes one artifact (all processes; small files and commit: coordinator).
+
+        The function is exported here, on the caller's thread; writing it is two
+        `_comm.agree` steps around a save, run in the job's order of collectives
+        (after an async save in flight). A process whose ``params_fn`` or export failed
+        still takes part, so every process raises the same error.
+        """
         path = os.path.join(self._directory, f"{self._savedmodel_name}-{number}")
-        params = self._params_fn()
-        leaves = jax.tree.leaves(params)
-        exported = jax.export.export(jax.jit(self._serving_fn), platforms=self._platforms)(
-            jax.tree.map(_spec_of, params), *self._input_specs
-        )
+        try:
+            params = self._params_fn()
+            leaves = jax.tree.leaves(params)
+            exported = jax.export.export(jax.jit(self._serving_fn), platforms=self._platforms)(
+                jax.tree.map(_spec_of, params), *self._input_specs
+            )
+            identity = {"path": path, "params": len(leaves)}
+        except Exception as e:  # reported by the coordinator, on every process
+            leaves = exported = None
+            identity = {"error": f"process {self._comm.process_index}: {type(e).__name__}: {e}"}
         tag = f"export {path!r}"
         timeout_secs = options.timeout_secs
-        if self._comm.is_coordinator:
+
+        def start(identities: list) -> None:
+            failures = [i["error"] for i in identities if "error" in i]
+            if failures:
+                raise CheckpointError(f"Exporting {path!r} failed: " + "; ".join(failures))
+            if any(i != identities[0] for i in identities):
+                raise CoordinationError(
+                    f"The processes export different artifacts (in process order: "
+                    f"{identities}); every process must make the same calls"
+                )
             _delete_savedmodel(path)  # a user-given number may repeat one
             os.makedirs(path)
-        self._comm.barrier(tag=tag + " start", timeout_secs=timeout_secs)
-        _engine.save_arrays(
-            os.path.join(path, PARAMS_DIR),
-            {f"params/{i}": leaf for i, leaf in enumerate(leaves)},
-            object_graph={"savedmodel_params": len(leaves)},
-            comm=self._comm,
-        )
-        if self._comm.is_coordinator:
+
+        def commit(_: list) -> None:
             LocalStorage(path).write_bytes_atomic(FUNCTION_FILE, bytes(exported.serialize()))
             manifest = {
                 "format": _FORMAT,
@@ -194,8 +212,22 @@ class ExportingCheckpointManager(CheckpointManager):
                 MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode()
             )
             logger.info("exported %s", path)
-        self._comm.barrier(tag=tag + " commit", timeout_secs=timeout_secs)
-        return path
+
+        def run() -> str:
+            agree(self._comm, identity, start, kind="export start", tag=tag + " start",
+                  timeout_secs=timeout_secs)
+            _engine.save_arrays(
+                os.path.join(path, PARAMS_DIR),
+                {f"params/{i}": leaf for i, leaf in enumerate(leaves)},
+                object_graph={"savedmodel_params": len(leaves)},
+                options=options,
+                comm=self._comm,
+            )
+            agree(self._comm, None, commit, kind="export commit", tag=tag + " commit",
+                  timeout_secs=timeout_secs)
+            return path
+
+        return run_ordered(run)
 
     def _remove_leftovers(self) -> None:
         super()._remove_leftovers()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import numbers
 import os
@@ -28,8 +27,9 @@ import threading
 import time
 import weakref
 
+from . import errors
 from ._best import check_best_fn, metric_of
-from ._comm import default_communicator
+from ._comm import agree, default_communicator, error_kind, run_ordered
 from ._lock import DirectoryLock
 from ._manager_extras import ManagerExtras
 from ._manager_extras import evaluate_counter as _evaluate
@@ -48,7 +48,7 @@ from ._state_file import (
 )
 from ._storage import TMP_MARKER, open_storage
 from ._user_metadata import check_user_metadata
-from .errors import CheckpointError, CorruptCheckpointError
+from .errors import CheckpointError, CoordinationError, CorruptCheckpointError
 
 __all__ = ["CheckpointManager", "checkpoints_iterator", "wait_for_new_checkpoint"]
 
@@ -88,22 +88,8 @@ def _now() -> float:
     return time.time()
 
 
-def _encode_start(decided: CheckpointState | None, error: Exception | None) -> bytes:
-    """The coordinator's start outcome as JSON: the managed state, or its failure."""
-    if error is not None:
-        return json.dumps({"error": f"{type(error).__name__}: {error}"}).encode()
-    return json.dumps({"state": dataclasses.asdict(decided)}).encode()
-
-
-def _decode_start(directory: str, reply: bytes) -> CheckpointState:
-    """The state :func:`_encode_start` sent; raises the coordinator's failure."""
-    document = json.loads(reply)
-    if "error" in document:
-        raise CheckpointError(
-            f"The coordinator could not start a CheckpointManager in {directory!r}: "
-            f"{document['error']}"
-        )
-    state = document["state"]
+def _state_from_json(state: dict) -> CheckpointState:
+    """The CheckpointState the coordinator's start decided (see ``_start``)."""
     return CheckpointState(
         state["model_checkpoint_path"],
         tuple(state["all_model_checkpoint_paths"]),
@@ -225,24 +211,40 @@ class CheckpointManager(ManagerExtras):
         of another job that is saving into the same directory right now. One process
         decides and the others take its answer, because each deciding for itself lets
         clock skew or a stale network-filesystem view give processes different lists;
-        a failure is sent too, so the others raise at once instead of timing out.
+        a failure is sent too, so every process raises the same error at once instead
+        of timing out. It is one `_comm.agree` step, in the job's order of collectives
+        (after any async save still in flight).
         """
-        decided = error = None
-        if self._comm.is_coordinator:
+        def decide(identities: list) -> dict:
+            if any(identity != identities[0] for identity in identities):
+                raise CoordinationError(
+                    f"The processes start CheckpointManagers of different directories or "
+                    f"checkpoint names (in process order: {identities}); every process "
+                    "must make the same checkpoint calls in the same order"
+                )
             try:
                 self._open_directory()
-                decided = self._recover(get_checkpoint_state(self._directory))
+                return dataclasses.asdict(
+                    self._recover(get_checkpoint_state(self._directory)))
             except Exception as e:
-                error = e
                 self._release_lock()
-        reply = self._comm.broadcast(
-            _encode_start(decided, error) if self._comm.is_coordinator else None,
-            tag=f"CheckpointManager({self._directory!r}) start",
-            timeout_secs=CheckpointOptions().timeout_secs,
-        )
-        if error is not None:
-            raise error
-        decided = _decode_start(self._directory, reply)
+                # Same class and message on every process (see _comm.agree).
+                raise getattr(errors, error_kind(e))(
+                    f"The coordinator could not start a CheckpointManager in "
+                    f"{self._directory!r}: {type(e).__name__}: {e}"
+                ) from e
+
+        identity = {"directory": open_storage(self._directory).path,
+                    "checkpoint_name": self._checkpoint_name}
+        try:
+            decided = _state_from_json(run_ordered(lambda: agree(
+                self._comm, identity, decide, kind="manager start",
+                tag=f"CheckpointManager({self._directory!r}) start",
+                timeout_secs=CheckpointOptions().timeout_secs,
+            )))
+        except BaseException:
+            self._release_lock()  # a failed broadcast after the coordinator locked
+            raise
         self._latest_checkpoint = decided.model_checkpoint_path
         self._last_preserved_timestamp = decided.last_preserved_timestamp
         self._maybe_delete = collections.OrderedDict(

@@ -8,18 +8,18 @@ list, communicator) exactly as its own methods do.
 
 from __future__ import annotations
 
-import json
 import logging
 import numbers
 import os
 import re
 
 from ._best import metric_of, to_drop
+from ._comm import agree, run_ordered
 from ._engine import read_metadata
 from ._options import CheckpointOptions
 from ._state_file import STATE_FILENAME, is_committed
 from ._storage import open_storage
-from .errors import CheckpointError, CheckpointNotFoundError, CoordinationError
+from .errors import CheckpointNotFoundError, CoordinationError
 
 __all__ = ["ManagerExtras", "evaluate_counter"]
 
@@ -106,39 +106,30 @@ class ManagerExtras:
         """
         path = self._step_path(step)
         self.sync()
-        outcome = {"path": path}
-        if self._comm.is_coordinator:
-            try:
-                if not is_committed(path):
-                    raise CheckpointNotFoundError(
-                        f"No committed checkpoint for step {step} in {self._directory!r} to "
-                        f"delete; available steps: {self.all_steps()}"
-                    )
-                # The state without it goes first: a reader of the state file never
-                # finds a checkpoint that is already gone.
-                self._forget(path)
-                self._record_after_delete(pending_deletion=[path])
-                self._delete(path)
-            except Exception as e:  # noqa: BLE001 (sent to every process, raised below)
-                outcome = {"path": path, "error": f"{type(e).__name__}: {e}",
-                           "not_found": isinstance(e, CheckpointNotFoundError)}
-                local = e
-        outcome = json.loads(self._comm.broadcast(
-            json.dumps(outcome).encode() if self._comm.is_coordinator else None,
-            tag=f"delete {path!r}", timeout_secs=CheckpointOptions().timeout_secs,
-        ))
-        if "error" in outcome:
-            if self._comm.is_coordinator:
-                raise local
-            error_type = CheckpointNotFoundError if outcome["not_found"] else CheckpointError
-            raise error_type(f"The coordinator could not delete {path!r}: {outcome['error']}")
-        if outcome["path"] != path:
-            # The coordinator deleted another step: follow the disk, then say so.
-            self._forget(outcome["path"])
-            raise CoordinationError(
-                f"This process called delete({step}) but the coordinator deleted "
-                f"{outcome['path']!r}; every process must delete the same step"
-            )
+
+        def decide(paths: list[str]) -> str:
+            """(coordinator) Deletes ``path`` once every process names it."""
+            if any(p != path for p in paths):
+                raise CoordinationError(
+                    f"The processes asked to delete different checkpoints ({paths}, in "
+                    "process order), so nothing was deleted; every process must delete "
+                    "the same step"
+                )
+            if not is_committed(path):
+                raise CheckpointNotFoundError(
+                    f"No committed checkpoint for step {step} in {self._directory!r} to "
+                    f"delete; available steps: {self.all_steps()}"
+                )
+            # The state without it goes first: a reader of the state file never finds a
+            # checkpoint that is already gone.
+            self._forget(path)
+            self._record_after_delete(pending_deletion=[path])
+            self._delete(path)
+            return path
+
+        run_ordered(lambda: agree(self._comm, path, decide, kind="delete",
+                                  tag=f"delete {path!r}",
+                                  timeout_secs=CheckpointOptions().timeout_secs))
         if not self._comm.is_coordinator:
             self._forget(path)
         return path

@@ -5,7 +5,9 @@ plain ``mpiexec``) calls :func:`initialize` first thing; a single-process test s
 calls :func:`emulate_cpu_devices` before JAX starts its backend.
 """
 
-from launch._bootstrap import LaunchInfo, initialize, is_mpi_launched
+from launch._bootstrap import LaunchInfo, initialize, is_mpi_launched, private_mpi_comm
 from launch._devices import emulate_cpu_devices
 
-__all__ = ["LaunchInfo", "emulate_cpu_devices", "initialize", "is_mpi_launched"]
+__all__ = [
+    "LaunchInfo", "emulate_cpu_devices", "initialize", "is_mpi_launched", "private_mpi_comm",
+]

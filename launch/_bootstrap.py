@@ -4,7 +4,10 @@ Protocol (run by every process, in this order):
   1. (all ranks) read rank and size from MPI; with size 1 there is nothing to join.
   2. (all ranks) allgather hostnames, to know whether the job spans several hosts.
   3. (rank 0) pick a free port and an address the others can reach; broadcast it.
-  4. (all ranks) select gloo for CPU collectives, then ``jax.distributed.initialize``.
+  4. (all ranks) duplicate ``COMM_WORLD`` into a private communicator for libraries
+     (:func:`private_mpi_comm`): made here, where every process is known to be, so a
+     library never needs an unbounded collective set-up later.
+  5. (all ranks) select gloo for CPU collectives, then ``jax.distributed.initialize``.
 
 mpi4py is imported only when the environment says an MPI launcher started us, because
 importing it calls ``MPI_Init``. mpi4py initialises MPI with thread level MULTIPLE by
@@ -19,13 +22,15 @@ import dataclasses
 import os
 import socket
 
-__all__ = ["LaunchInfo", "initialize", "is_mpi_launched", "COORDINATOR_HOST_ENV"]
+__all__ = ["LaunchInfo", "initialize", "is_mpi_launched", "private_mpi_comm",
+           "COORDINATOR_HOST_ENV"]
 
 COORDINATOR_HOST_ENV = "DCHECKPOINT_COORDINATOR_HOST"
 
 # Set by the launchers we support: MPICH hydra (PMI_*), Open MPI (OMPI_*), PMIx (PMIX_*).
 _MPI_ENV_VARS = ("PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 _NAME_BYTES = 256  # fixed width for hostnames / addresses exchanged over MPI
+_PRIVATE_COMM = None  # see private_mpi_comm
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,6 +52,17 @@ def is_mpi_launched() -> bool:
     Looks only at the environment, so it never initialises MPI.
     """
     return any(name in os.environ for name in _MPI_ENV_VARS)
+
+
+def private_mpi_comm():
+    """A duplicate of ``COMM_WORLD`` that :func:`initialize` made, or None.
+
+    None unless ``initialize()`` joined a multi-process job over MPI. Its ranks are the
+    JAX process indices. dcheckpoint sends its messages on it, so they never match the
+    user's, without a ``Dup`` of its own (a collective that would wait without bound if
+    one process made a checkpoint call alone).
+    """
+    return _PRIVATE_COMM
 
 
 def initialize(timeout_secs: int = 300) -> LaunchInfo:
@@ -82,6 +98,8 @@ def initialize(timeout_secs: int = 300) -> LaunchInfo:
         return LaunchInfo(0, 1)
     _refuse_if_backend_started(rank, size)
     address = _agree_on_coordinator_address(comm)
+    global _PRIVATE_COMM
+    _PRIVATE_COMM = comm.Dup()
     _select_cpu_collectives()
     import jax
 

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 import dcheckpoint
 from dcheckpoint._cli import main
 from dcheckpoint._metadata import METADATA_FILE
+from tests.ckpt_files import array_dir
 from tests.mp_util import REPO_ROOT
 
 
@@ -93,7 +94,8 @@ def test_verify_passes_a_sound_checkpoint(managed, capsys):
 
 
 def test_verify_exit_status_says_a_flipped_byte_was_found(managed):
-    chunk = managed / "ckpt-4" / "model" / "dense" / "kernel" / "c" / "1" / "0"
+    kernel = array_dir(managed / "ckpt-4", "model/dense/kernel")
+    chunk = kernel / "c" / "1" / "0"
     data = bytearray(chunk.read_bytes())
     data[3] ^= 0xFF
     chunk.write_bytes(bytes(data))
@@ -104,7 +106,7 @@ def test_verify_exit_status_says_a_flipped_byte_was_found(managed):
     out = json.loads(completed.stdout)
     assert out["ok"] is False
     assert [(p["array"], p["file"]) for p in out["problems"]] == [
-        ("model/dense/kernel", "model/dense/kernel/c/1/0")]
+        ("model/dense/kernel", f"{kernel.relative_to(managed / 'ckpt-4')}/c/1/0")]
     assert "crc32c" in out["problems"][0]["message"]
 
 
@@ -115,11 +117,12 @@ def test_verify_exit_status_says_a_flipped_byte_was_found(managed):
         ("verify", "absent", "no such checkpoint"),
         ("ls", "absent", "no such directory"),
         ("inspect", "", "is a directory of 3 checkpoint(s), not a checkpoint; try {d}/ckpt-4"),
-        ("verify", "ckpt-2/model", f"has no {METADATA_FILE}"),
+        ("verify", "ckpt-2/{data}/model", f"has no {METADATA_FILE}"),
         ("ls", "ckpt-2", "is itself a checkpoint; list its parent"),
     ],
 )
 def test_wrong_locations_exit_2_with_a_hint(managed, capsys, command, where, message):
+    where = where.format(data=array_dir(managed / "ckpt-2", "save_counter").parent.name)
     path = str(managed / where) if where else str(managed)
     assert main([command, path]) == 2
     err = capsys.readouterr().err

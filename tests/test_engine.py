@@ -1,6 +1,7 @@
 """The storage engine in one process on 8 emulated CPU devices: round trips on many
 layouts and dtypes, the on-disk format read by plain Zarr tools, corruption, crashes."""
 
+import json
 import os
 
 import jax
@@ -15,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import dcheckpoint
 from dcheckpoint import _engine
+from tests.ckpt_files import array_dir
 
 DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
           "float16", "bfloat16", "float32", "float64", "complex64"]
@@ -140,9 +142,10 @@ def test_restore_onto_single_device_and_host(tmp_path):
 def test_chunks_follow_shards_and_only_replica_zero_is_written(tmp_path):
     sharding = NamedSharding(_mesh(*MESH_42), P("x"))  # 4 shards, each on 2 devices
     dcheckpoint.save_pytree(str(tmp_path / "c"), {"w": _put(np.ones((8, 6)), sharding)})
+    array = array_dir(tmp_path / "c", "w")
     chunk_files = sorted(
-        os.path.relpath(os.path.join(d, f), tmp_path / "c" / "w")
-        for d, _, files in os.walk(tmp_path / "c" / "w") for f in files if f != "zarr.json"
+        os.path.relpath(os.path.join(d, f), array)
+        for d, _, files in os.walk(array) for f in files if f != "zarr.json"
     )
     # rows [0,2) [2,4) [4,6) [6,8): one chunk file each, not one per device.
     assert chunk_files == ["c/0/0", "c/1/0", "c/2/0", "c/3/0"]
@@ -159,21 +162,26 @@ def test_arrays_open_with_zarr_and_tensorstore_alone(tmp_path):
     values = {dt: _values((8, 4), dt) for dt in DTYPES}
     tree = {"model": {dt: _put(v, sharding) for dt, v in values.items()}}
     dcheckpoint.save_pytree(str(tmp_path / "c"), tree)
+    # The recipe of docs/FORMAT.md: the metadata (plain JSON) names each array's directory.
+    doc = json.loads((tmp_path / "c" / "dcheckpoint.json").read_text())
     for dt, v in values.items():
-        path = str(tmp_path / "c" / "model" / dt)
+        path = str(tmp_path / "c" / doc["checkpoint"]["arrays"][f"model/{dt}"]["storage_path"])
         spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
         _assert_same(ts.open(spec).result().read().result(), v)
         if dt != "bfloat16":  # bfloat16 is TensorStore's extension to Zarr v3
             _assert_same(zarr.open_array(path, mode="r")[...], v)
-    group = zarr.open_group(str(tmp_path / "c" / "model"), mode="r")
-    assert group["float32"].shape == (8, 4)
+    # Zarr tools walk the tree from the checkpoint's root: one data directory, then paths.
+    root = zarr.open_group(str(tmp_path / "c"), mode="r")
+    (data_dir,) = [name for name, _ in root.groups()]
+    assert data_dir.startswith("data-")
+    assert root[data_dir]["model"]["float32"].shape == (8, 4)
 
 
 def test_compression_round_trips(tmp_path):
     values = np.zeros((64, 64), np.float32)
     options = dcheckpoint.CheckpointOptions(compression="zstd")
     dcheckpoint.save_pytree(str(tmp_path / "c"), {"w": values}, options=options)
-    size = os.path.getsize(tmp_path / "c" / "w" / "c" / "0" / "0")
+    size = os.path.getsize(array_dir(tmp_path / "c", "w") / "c" / "0" / "0")
     assert size < values.nbytes / 10
     _assert_same(dcheckpoint.restore_pytree(str(tmp_path / "c"), {"w": None})["w"], values)
 
@@ -181,7 +189,7 @@ def test_compression_round_trips(tmp_path):
 def test_flipped_byte_in_chunk_names_the_array(tmp_path):
     sharding = NamedSharding(_mesh(*MESH_42), P("x"))
     dcheckpoint.save_pytree(str(tmp_path / "c"), {"layer": {"w": _put(np.ones((8, 4)), sharding)}})
-    chunk = tmp_path / "c" / "layer" / "w" / "c" / "1" / "0"
+    chunk = array_dir(tmp_path / "c", "layer/w") / "c" / "1" / "0"
     data = bytearray(chunk.read_bytes())
     data[5] ^= 0x40
     chunk.write_bytes(bytes(data))
@@ -191,7 +199,7 @@ def test_flipped_byte_in_chunk_names_the_array(tmp_path):
 
 def test_missing_chunk_is_an_error_not_zeros(tmp_path):
     dcheckpoint.save_pytree(str(tmp_path / "c"), {"w": np.zeros((4,), np.int32)})
-    os.remove(tmp_path / "c" / "w" / "c" / "0")
+    os.remove(array_dir(tmp_path / "c", "w") / "c" / "0")
     with pytest.raises(dcheckpoint.CorruptCheckpointError, match="'w'.*missing"):
         dcheckpoint.restore_pytree(str(tmp_path / "c"), {"w": None})
 

@@ -61,14 +61,16 @@ def test_save_then_restore_onto_another_mesh(bucket):
     np.testing.assert_array_equal(np.asarray(restored["w"]), values)
     assert int(restored["step"]) == 7
     # One object per chunk: (16, 8) on (4, 2) is 4 x 2 chunks of (4, 4).
-    assert open_storage(path).list_dir("w/c") == ["0", "1", "2", "3"]
+    w = dcheckpoint.read_metadata(path).arrays["w"].storage_path  # data-<save id>/w
+    assert open_storage(path).list_dir(f"{w}/c") == ["0", "1", "2", "3"]
 
 
 def test_each_array_is_plain_zarr_readable_without_this_library(bucket, endpoint):
     values = np.arange(12, dtype=np.int32).reshape(3, 4)
     path = dcheckpoint.save_pytree(f"{bucket}/plain", {"a": values})
+    a = dcheckpoint.read_metadata(path).arrays["a"].storage_path  # data-<save id>/a
     spec = {"driver": "zarr3", "kvstore": {
-        "driver": "s3", "bucket": bucket.removeprefix("s3://"), "path": "plain/a/",
+        "driver": "s3", "bucket": bucket.removeprefix("s3://"), "path": f"plain/{a}/",
         "endpoint": endpoint, "aws_region": "us-east-1"}}
     np.testing.assert_array_equal(ts.open(spec).result().read().result(), values)
     meta = json.loads(open_storage(path).read_bytes(METADATA_FILE, max_bytes=1 << 20))
@@ -203,14 +205,16 @@ def test_command_line_verify_on_s3_finds_a_flipped_byte_and_a_missing_chunk(buck
     assert (out["ok"], out["arrays_checked"], out["chunks_checked"]) == (True, 1, 8)
 
     storage = open_storage(path)
-    data = bytearray(storage.read_bytes("w/c/1/0", max_bytes=1 << 20))
+    w = dcheckpoint.read_metadata(path).arrays["w"].storage_path  # data-<save id>/w
+    data = bytearray(storage.read_bytes(f"{w}/c/1/0", max_bytes=1 << 20))
     data[2] ^= 0xFF
-    storage.write_bytes_atomic("w/c/1/0", bytes(data))
-    assert storage.remove("w/c/3/1") is True
+    storage.write_bytes_atomic(f"{w}/c/1/0", bytes(data))
+    assert storage.remove(f"{w}/c/3/1") is True
     assert main(["verify", path, "--json"]) == 1
     problems = json.loads(capsys.readouterr().out)["problems"]
     # Coverage first (missing, stray), then each chunk that failed its read.
-    assert [(p["array"], p["file"]) for p in problems] == [("w", "w/c/3/1"), ("w", "w/c/1/0")]
+    assert [(p["array"], p["file"]) for p in problems] == [
+        ("w", f"{w}/c/3/1"), ("w", f"{w}/c/1/0")]
     assert "missing chunk file" in problems[0]["message"] and "crc32c" in problems[1]["message"]
 
 
@@ -219,16 +223,32 @@ def test_verify_on_s3_reports_stray_and_missing_chunk_objects(bucket):
     path = dcheckpoint.save_pytree(
         f"{bucket}/coverage", {"w": _sharded(_mesh((4, 2)), P("x", "y"), values)})
     storage = open_storage(path)
-    chunk = storage.read_bytes("w/c/0/0", max_bytes=1 << 20)
-    storage.write_bytes_atomic("w/c/4/0", chunk)  # grid is [4, 2]: row 4 is outside it
-    assert storage.remove("w/c/2/1") is True
+    w = dcheckpoint.read_metadata(path).arrays["w"].storage_path  # data-<save id>/w
+    chunk = storage.read_bytes(f"{w}/c/0/0", max_bytes=1 << 20)
+    storage.write_bytes_atomic(f"{w}/c/4/0", chunk)  # grid is [4, 2]: row 4 is outside it
+    assert storage.remove(f"{w}/c/2/1") is True
     steps = []
     report = dcheckpoint.verify(path, progress=steps.append)
     assert [(p.array, p.file, p.message) for p in report.problems] == [
-        ("w", "w/c/4/0", "unexpected file: not a chunk of the array's grid (grid [4, 2])"),
-        ("w", "w/c/2/1", "missing chunk file: expected every chunk of the grid [4, 2] to "
+        ("w", f"{w}/c/4/0", "unexpected file: not a chunk of the array's grid (grid [4, 2])"),
+        ("w", f"{w}/c/2/1", "missing chunk file: expected every chunk of the grid [4, 2] to "
                          "be stored, found no file"),
     ]
     assert (report.arrays_checked, report.chunks_checked, sum(steps)) == (1, 7, 8)
     assert report.bytes_read == 7 * (2 * 2 * 4 + 4)  # stored size: data plus crc32c
-    assert storage.list_files("w/c/3") == ["0", "1"]
+    assert storage.list_files(f"{w}/c/3") == ["0", "1"]
+
+
+def test_overwriting_a_prefix_leaves_one_data_directory_and_old_readers_get_a_clear_error(
+        bucket):
+    path = f"{bucket}/over/ckpt-5"
+    dcheckpoint.save_pytree(path, {"w": np.full(4, 1, np.int32)})
+    old = dcheckpoint.read_metadata(path)
+    dcheckpoint.save_pytree(path, {"w": np.full(4, 2, np.int32)})
+    # The new save's data is under a new name; the old one's is gone, not overwritten.
+    (data_dir,) = [n for n in open_storage(path).list_dir() if n.startswith("data-")]
+    assert dcheckpoint.read_metadata(path).arrays["w"].storage_path == f"{data_dir}/w"
+    assert old.arrays["w"].storage_path != f"{data_dir}/w"
+    with pytest.raises(CheckpointNotFoundError, match="replaced by another save while"):
+        dcheckpoint._engine.restore_arrays(path, {"w": None}, metadata=old)
+    np.testing.assert_array_equal(dcheckpoint.restore_pytree(path, {"w": None})["w"], [2] * 4)

@@ -18,6 +18,7 @@ from dcheckpoint.errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
 )
+from tests.ckpt_files import array_dir
 
 WEIGHTS = np.arange(64, dtype=np.float32).reshape(16, 4)
 BIAS = np.arange(5, dtype=np.int32)
@@ -48,7 +49,9 @@ def _edit_metadata(checkpoint, edit, *, resign=True):
 
 
 def _chunk(checkpoint, name="model/weights/c/3/0"):
-    return os.path.join(checkpoint, name)
+    """The file of ``<array>/<chunk key>``, inside the save's data directory."""
+    array, key = name.rsplit("/c/", 1)
+    return os.path.join(array_dir(checkpoint, array), "c", key)
 
 
 def test_flipped_byte_in_a_chunk(checkpoint):
@@ -102,9 +105,10 @@ def test_metadata_paths_escaping_the_checkpoint(checkpoint, storage_path):
 
 def test_symlinked_array_directory_pointing_outside(checkpoint, tmp_path):
     outside = tmp_path / "outside"
-    shutil.copytree(os.path.join(checkpoint, "bias"), outside)  # valid data, wrong place
-    shutil.rmtree(os.path.join(checkpoint, "bias"))
-    os.symlink(outside, os.path.join(checkpoint, "bias"))
+    bias = array_dir(checkpoint, "bias")
+    shutil.copytree(bias, outside)  # valid data, wrong place
+    shutil.rmtree(bias)
+    os.symlink(outside, bias)
     with pytest.raises(CorruptCheckpointError, match="outside the checkpoint directory"):
         restore_pytree(checkpoint, _target())
 

@@ -16,6 +16,7 @@ from dcheckpoint._engine import read_metadata, restore_arrays
 from dcheckpoint._manager import CheckpointManager
 from dcheckpoint._variable import Variable
 from dcheckpoint.errors import CheckpointError, CorruptCheckpointError
+from tests.ckpt_files import array_dir
 
 SMALL = 16 * 1024  # bytes of the checkpoint that fits
 BIG = 256 * 1024  # bytes of the one that cannot fit once the disk is nearly full
@@ -158,11 +159,11 @@ def test_file_removed_underneath_a_restore(tmp_path):
         paths.append(manager.save(checkpoint_number=number))
     # The metadata was read, then a chunk disappears before the data is read.
     metadata = read_metadata(paths[1])
-    os.remove(os.path.join(paths[1], "weights", "c", "0"))
+    os.remove(array_dir(paths[1], "weights") / "c" / "0")
     with pytest.raises(CorruptCheckpointError, match=r"Array 'weights'.*missing"):
         restore_arrays(paths[1], {"weights": None}, metadata=metadata)
     # The array's zarr.json removed: named too.
-    os.remove(os.path.join(paths[1], "weights", "zarr.json"))
+    os.remove(array_dir(paths[1], "weights") / "zarr.json")
     with pytest.raises(CorruptCheckpointError, match=r"Array 'weights'"):
         restore_arrays(paths[1], {"weights": None}, metadata=metadata)
     np.testing.assert_array_equal(_restored(paths[0], n), _values(n, 1))

@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
 from dcheckpoint import _comm  # noqa: E402
-from dcheckpoint.errors import CoordinationTimeoutError  # noqa: E402
+from dcheckpoint.errors import CoordinationError, CoordinationTimeoutError  # noqa: E402
 
 RANK, SIZE = info.process_index, info.process_count
 LAST = SIZE - 1
@@ -57,8 +57,18 @@ def exercise_beside_user_mpi(comm) -> str:
     return f"{outcome['value'].decode()}:{int(total[0])}"
 
 
+def follow_up(comm) -> str | None:
+    """The next collective after a timeout: it must fail at once, on every process."""
+    try:
+        comm.barrier(tag="the next collective", timeout_secs=30)
+    except CoordinationError as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def provoke_timeouts(make_comm) -> dict:
-    """The last rank skips a gather, then the coordinator skips a broadcast."""
+    """The last rank skips a gather, then the coordinator skips a broadcast; after each,
+    every process's next collective must fail at once saying the job must restart."""
     comm = make_comm()
     errors = {}
     if RANK != LAST:
@@ -68,13 +78,17 @@ def provoke_timeouts(make_comm) -> dict:
         except CoordinationTimeoutError as error:
             errors["gather"] = str(error)
     MPI.COMM_WORLD.Barrier()  # the user's world: unaffected by our failed collective
+    errors["after_gather"] = follow_up(comm)
+    MPI.COMM_WORLD.Barrier()
     comm = make_comm()
     if RANK != 0:
         try:
             comm.broadcast(None, tag="commit outcome", timeout_secs=SHORT_SECS)
             errors["broadcast"] = None
-        except CoordinationTimeoutError as error:
+        except CoordinationError as error:  # a timeout, or a peer's abort after its own
             errors["broadcast"] = str(error)
+    MPI.COMM_WORLD.Barrier()
+    errors["after_broadcast"] = follow_up(comm)
     MPI.COMM_WORLD.Barrier()
     return errors
 

@@ -1,7 +1,7 @@
 """Run by tests/test_preemption.py under ``python -m launch -n 2``: ranks that disagree.
 
-1. rank 0 calls ``delete(1)``, rank 1 ``delete(3)``: the coordinator deletes step 1;
-   rank 1 must raise CoordinationError instead of believing step 3 is gone.
+1. rank 0 calls ``delete(1)``, rank 1 ``delete(3)``: nothing is deleted and both
+   ranks raise CoordinationError (neither believes its step is gone).
 2. with ``save_on_preemption`` (own mode: the test turns JAX's service off), rank 0
    asks at steps 5, 7 and rank 1 at 6, 8: both must raise CoordinationError.
 Prints one ``RESULT {json}`` line per process.
