@@ -24,6 +24,7 @@ from dcheckpoint._state_file import (
 )
 from dcheckpoint._verify import verify
 from dcheckpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
+from tests.ckpt_files import array_dir
 from tests.mp_util import REPO_ROOT
 from tests.test_manager import make_checkpoint, on_disk
 
@@ -119,10 +120,11 @@ NO_HANG = textwrap.dedent("""
     from dcheckpoint._engine import save_arrays
     root, case = sys.argv[1], sys.argv[2]
     ckpt = save_arrays(os.path.join(root, "ckpt-1"), {"bias": np.arange(5, dtype=np.int32)})
+    array = os.path.join(ckpt, read_metadata(ckpt).arrays["bias"].storage_path)
     special = {"state": os.path.join(root, "checkpoint"),
                "metadata": os.path.join(ckpt, "dcheckpoint.json"),
-               "chunk": os.path.join(ckpt, "bias", "c", "0"),
-               "zarr.json": os.path.join(ckpt, "bias", "zarr.json")}[case]
+               "chunk": os.path.join(array, "c", "0"),
+               "zarr.json": os.path.join(array, "zarr.json")}[case]
     if os.path.exists(special):
         os.remove(special)
     os.mkfifo(special)
@@ -198,7 +200,7 @@ def test_files_vanishing_mid_read_with_the_metadata_gone_are_not_found(tmp_path,
 
 def test_a_restore_of_a_damaged_but_present_checkpoint_stays_corrupt(tmp_path):
     path = save_arrays(str(tmp_path / "ckpt-1"), {"bias": BIAS})
-    os.remove(os.path.join(path, "bias", "c", "0"))
+    os.remove(array_dir(path, "bias") / "c" / "0")
     with pytest.raises(CorruptCheckpointError, match="Array 'bias'.*missing chunk files"):
         restore_arrays(path, {"bias": None})
 

@@ -150,10 +150,11 @@ CRAFTED_WORKER = textwrap.dedent("""
         meta_path = os.path.join(path, "dcheckpoint.json")
         doc = json.load(open(meta_path))
         entry = doc["checkpoint"]["arrays"]["a"]
+        array = os.path.join(path, entry["storage_path"])  # data-<save id>/a
         entry.update(shape=case["shape"], chunk_shape=case["chunk"], dtype=case["dtype"])
         doc["sha256"] = _digest(doc["checkpoint"])
         json.dump(doc, open(meta_path, "w"))
-        zarr_path = os.path.join(path, "a", "zarr.json")
+        zarr_path = os.path.join(array, "zarr.json")
         if case["zarr_agrees"]:
             z = json.load(open(zarr_path))
             z.update(shape=case["shape"], data_type=case["dtype"])
@@ -161,8 +162,8 @@ CRAFTED_WORKER = textwrap.dedent("""
             json.dump(z, open(zarr_path, "w"))
         victim = {"metadata": meta_path, "zarr.json": zarr_path,
                   "chunk": next(os.path.join(d, f) for d, _, fs in
-                                os.walk(os.path.join(path, "a", "c")) for f in fs),
-                  "array": os.path.join(path, "a")}[case["where"]]
+                                os.walk(os.path.join(array, "c")) for f in fs),
+                  "array": array}[case["where"]]
         kind = case["file"]
         if kind is not None:
             if os.path.isdir(victim):

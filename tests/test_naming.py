@@ -114,7 +114,8 @@ def test_checkpoint_round_trips_every_key_within_name_limits(tmp_path):
     _assert_fits_file_systems(path)
     saved = dcheckpoint.read_metadata(path).arrays
     assert set(saved) == {"save_counter"} | {f"t/{escape(k)}" for k in KEYS}
-    assert len(set(os.listdir(os.path.join(path, "t")))) == len(KEYS) + 1  # + zarr.json
+    data_dir = saved["save_counter"].storage_path.split("/")[0]  # this save's data-<id>
+    assert len(set(os.listdir(os.path.join(path, data_dir, "t")))) == len(KEYS) + 1  # zarr.json
 
     restored = _zeros()
     Checkpoint(t=restored).restore(path).assert_consumed()
@@ -147,8 +148,9 @@ def test_both_apis_name_the_same_tree_the_same_way(tmp_path):
     ckpt_meta = dcheckpoint.read_metadata(by_ckpt).arrays
     pytree_meta = dcheckpoint.read_metadata(by_pytree).arrays
     assert set(ckpt_meta) == set(pytree_meta) == {"t/sp ace", "t/a%2Fb/0", "t/%00"}
-    assert {p: m.storage_path for p, m in ckpt_meta.items()} == \
-        {p: m.storage_path for p, m in pytree_meta.items()}
+    # The same names under each save's own data directory (data-<save id>/).
+    assert {p: m.storage_path.split("/", 1)[1] for p, m in ckpt_meta.items()} == \
+        {p: m.storage_path.split("/", 1)[1] for p, m in pytree_meta.items()}
 
 
 def test_save_pytree_checkpoint_read_by_checkpoint_points_to_restore_pytree(tmp_path):
@@ -192,7 +194,7 @@ def test_case_only_siblings_get_their_own_directories(tmp_path):
     path = dcheckpoint.save_pytree(str(tmp_path / "p"), tree)
     _assert_fits_file_systems(path)
     stored = {p: m.storage_path for p, m in dcheckpoint.read_metadata(path).arrays.items()}
-    assert len({s.split("/")[0].casefold() for s in stored.values()}) == 4
+    assert len({s.split("/")[1].casefold() for s in stored.values()}) == 4  # below data-<id>
     out = dcheckpoint.restore_pytree(path)
     np.testing.assert_array_equal(out["W"], np.ones(2))
     np.testing.assert_array_equal(out["w"], np.zeros(2))

@@ -88,15 +88,18 @@ def assert_restores(path: str, step: int) -> None:
 
 
 def put(pattern: str):
-    return lambda r: r.method == "PUT" and pattern in r.path
+    """Matches PUTs whose path contains ``pattern``; ``DATA`` stands for the save's own
+    data directory (``data-<save id>``, see docs/FORMAT.md)."""
+    regex = re.compile(re.escape(pattern).replace("DATA", "data-[0-9a-f]+"))
+    return lambda r: r.method == "PUT" and regex.search(r.path) is not None
 
 
-ARRAY_NODE = put("/ckpt-2/w/zarr.json")
+ARRAY_NODE = put("/ckpt-2/DATA/w/zarr.json")
 
 
 @pytest.mark.parametrize("which", [
     pytest.param(ARRAY_NODE, id="array zarr.json (create-if-absent before)"),
-    pytest.param(put("/ckpt-2/w/c/"), id="chunk"),
+    pytest.param(put("/ckpt-2/DATA/w/c/"), id="chunk"),
     pytest.param(put("/ckpt-2/zarr.json"), id="group node"),
     pytest.param(put("/ckpt-2/dcheckpoint.json"), id="commit marker"),
     pytest.param(put("/run/checkpoint"), id="state file"),
@@ -145,7 +148,7 @@ def test_errors_that_outlast_the_timeout_fail_cleanly_and_a_later_save_works(
 
 @pytest.mark.parametrize("which,operation", [
     pytest.param(lambda r: True, "uncommitting", id="every request"),
-    pytest.param(put("/ckpt-2/w/c/"), "writing this process's chunks", id="chunk writes"),
+    pytest.param(put("/ckpt-2/DATA/w/c/"), "writing this process's chunks", id="chunk writes"),
     pytest.param(ARRAY_NODE, "writing the arrays' zarr.json", id="commit"),
 ])
 def test_a_stalled_server_fails_the_save_within_its_timeout(
