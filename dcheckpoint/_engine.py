@@ -364,18 +364,21 @@ def restore_arrays(
 def read_window() -> tuple[int, int]:
     """(bytes, reads) a restore keeps in flight at most.
 
-    Bytes: at least 256 MiB (32 reads of 8 MiB inner chunks, what TensorStore's 32
-    concurrent file calls can use; 64 MiB left a 2-core VM's disk idle between big
-    chunks), 32 MiB more per core for the decoding and copying that more cores do in
-    parallel, and never more than an eighth of the memory available now. Reads: four
-    per core, at least 16, so small pieces still keep every core and the disk busy.
+    Bytes: 16 MiB per core, at least 256 MiB and at most 1 GiB, and never more than an
+    eighth of the memory available now. 256 MiB is 32 reads of 8 MiB inner chunks,
+    what TensorStore's 32 concurrent file calls (`_tensorstore.context`) can use (the
+    64 MiB window this replaced left the disk idle between big chunks); more cores
+    decode and copy more pieces at once. On an accelerator these host buffers are
+    released once copied, so the window is the host memory a restore needs beyond
+    the process, whatever the checkpoint's size. Reads: two per core, 16 to 64, so
+    small pieces still keep the cores and the disk busy.
     """
     cores = os.cpu_count() or 1
-    window = max(256 << 20, (32 << 20) * cores)
+    window = min(max(256 << 20, (16 << 20) * cores), 1 << 30)
     available = _available_memory()
     if available:
         window = min(window, max(64 << 20, available // 8))
-    return window, max(16, 4 * cores)
+    return window, min(max(16, 2 * cores), 64)
 
 
 def _available_memory() -> int | None:
@@ -447,32 +450,41 @@ class _Restore:
     def run(self) -> dict[str, Any]:
         window, max_reads = read_window()
         self.pieces.sort(key=lambda p: p[0])
+        # The pieces of one stored chunk start together, so TensorStore reads it once.
+        groups = collections.deque(
+            list(g) for _, g in itertools.groupby(self.pieces, key=lambda p: p[0]))
+        self.pieces = []
         queue: _queue.SimpleQueue = _queue.SimpleQueue()
-        in_flight: dict[int, tuple] = {}
+        in_flight: dict[int, tuple] = {}  # piece future id -> (slice, future, group)
+        group_left: dict[int, int] = {}  # group id -> its pieces not yet landed
         pending_bytes = 0  # host buffers started and not yet handed to devices
         started: set[int] = set()
-        pieces = collections.deque(self.pieces)
-        self.pieces = []
         try:
-            while pieces or in_flight:
-                while pieces and len(in_flight) < max_reads and (
+            while groups or in_flight:
+                while groups and len(group_left) < max_reads and (
                         pending_bytes < window or not in_flight):
-                    _, target, array, piece, local = pieces.popleft()
-                    if id(target) not in started:
-                        started.add(id(target))
-                        pending_bytes += target.nbytes
-                    future = target.view[local].write(array[piece])
-                    key = id(future)
-                    in_flight[key] = (target, future)
-                    future.add_done_callback(lambda _, key=key: queue.put(key))
-                target, future = in_flight.pop(queue.get())
+                    group = groups.popleft()
+                    group_left[id(group)] = len(group)
+                    with ts.Batch() as batch:  # one read of the chunk feeds every piece
+                        for _, target, array, piece, local in group:
+                            if id(target) not in started:
+                                started.add(id(target))
+                                pending_bytes += target.nbytes
+                            future = target.view[local].write(array[piece], batch=batch)
+                            key = id(future)
+                            in_flight[key] = (target, future, group)
+                            future.add_done_callback(lambda _, key=key: queue.put(key))
+                target, future, group = in_flight.pop(queue.get())
                 _result(future, target.path, self.directory)
+                group_left[id(group)] -= 1
+                if group_left[id(group)] == 0:
+                    del group_left[id(group)]
                 target.waiting -= 1
                 if target.waiting == 0:
                     pending_bytes -= target.nbytes
                     self._finish(target)
         except BaseException:
-            for _, future in in_flight.values():
+            for _, future, _ in in_flight.values():
                 future.cancel()
             raise
         return self.done
