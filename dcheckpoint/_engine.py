@@ -364,17 +364,16 @@ def restore_arrays(
 def read_window() -> tuple[int, int]:
     """(bytes, reads) a restore keeps in flight at most.
 
-    Bytes: 16 MiB per core, at least 256 MiB and at most 1 GiB, and never more than an
+    Bytes: 32 MiB per core, at least 256 MiB and at most 1 GiB, and never more than an
     eighth of the memory available now. 256 MiB is 32 reads of 8 MiB inner chunks,
     what TensorStore's 32 concurrent file calls (`_tensorstore.context`) can use (the
     64 MiB window this replaced left the disk idle between big chunks); more cores
-    decode and copy more pieces at once. On an accelerator these host buffers are
-    released once copied, so the window is the host memory a restore needs beyond
-    the process, whatever the checkpoint's size. Reads: two per core, 16 to 64, so
-    small pieces still keep the cores and the disk busy.
+    decode and copy more pieces at once, and on an accelerator a 16-core host keeps
+    two 256 MiB slices going, so one slice's last pieces overlap the next one's reads.
+    Reads: two per core, 16 to 64, so small pieces still keep the cores and disk busy.
     """
     cores = os.cpu_count() or 1
-    window = min(max(256 << 20, (16 << 20) * cores), 1 << 30)
+    window = min(max(256 << 20, (32 << 20) * cores), 1 << 30)
     available = _available_memory()
     if available:
         window = min(window, max(64 << 20, available // 8))
@@ -400,7 +399,9 @@ class _Slice:
         self.buffer = _aligned_empty(tuple(s.stop - s.start for s in read.index), dtype)
         self.view = ts.array(self.buffer, copy=False, write=True)  # reads land here
         self.waiting = 0  # pieces not yet read
-        self.nbytes = self.buffer.nbytes
+        self.nbytes, self.itemsize = self.buffer.nbytes, self.buffer.itemsize
+        # Copied to an accelerator and freed; on CPU (or host) the buffer is the result.
+        self.transient = any(d.platform != "cpu" for d in read.devices)
 
 
 class _Restore:
@@ -415,11 +416,12 @@ class _Restore:
     a few big shards is restored onto many devices). A slice goes to its devices as
     soon as its last piece lands, and an array is built as soon as its last slice has.
 
-    Memory: new pieces start only while the host buffers not yet handed to devices
-    total less than the window (`read_window`), so host memory beyond the restored
-    arrays is bounded by the window (plus the slices one stored chunk feeds), not by
+    Memory: pieces in flight (TensorStore's buffers) stay within the window
+    (`read_window`), and a new slice bound for an accelerator starts only while the
+    host buffers of started ones total less than the window; so host memory beyond
+    the restored arrays is bounded by about twice the window (plus one slice), not by
     the checkpoint. On CPU the host buffers become the device buffers (64-byte
-    aligned, adopted without a copy); on accelerators they are released once copied.
+    aligned, adopted without a copy); on accelerators they are freed once copied.
     """
 
     def __init__(self, directory: str, metadata: CheckpointMetadata):
@@ -455,36 +457,49 @@ class _Restore:
             list(g) for _, g in itertools.groupby(self.pieces, key=lambda p: p[0]))
         self.pieces = []
         queue: _queue.SimpleQueue = _queue.SimpleQueue()
-        in_flight: dict[int, tuple] = {}  # piece future id -> (slice, future, group)
+        in_flight: dict[int, tuple] = {}  # piece future id -> (slice, future, group, bytes)
         group_left: dict[int, int] = {}  # group id -> its pieces not yet landed
-        pending_bytes = 0  # host buffers started and not yet handed to devices
+        reading = 0  # bytes of pieces in flight (TensorStore's buffers)
+        held = 0  # host buffers of started slices that are copied to devices, then freed
         started: set[int] = set()
+
+        def admits(group) -> bool:
+            if not in_flight:
+                return True  # always make progress
+            if reading >= window or len(group_left) >= max_reads:
+                return False
+            new = [t for _, t, *_ in group if id(t) not in started and t.transient]
+            return not new or held < window
+
         try:
             while groups or in_flight:
-                while groups and len(group_left) < max_reads and (
-                        pending_bytes < window or not in_flight):
+                while groups and admits(groups[0]):
                     group = groups.popleft()
                     group_left[id(group)] = len(group)
                     with ts.Batch() as batch:  # one read of the chunk feeds every piece
                         for _, target, array, piece, local in group:
                             if id(target) not in started:
                                 started.add(id(target))
-                                pending_bytes += target.nbytes
+                                held += target.nbytes if target.transient else 0
+                            nbytes = target.itemsize * math.prod(
+                                s.stop - s.start for s in piece)
                             future = target.view[local].write(array[piece], batch=batch)
                             key = id(future)
-                            in_flight[key] = (target, future, group)
+                            in_flight[key] = (target, future, group, nbytes)
+                            reading += nbytes
                             future.add_done_callback(lambda _, key=key: queue.put(key))
-                target, future, group = in_flight.pop(queue.get())
+                target, future, group, nbytes = in_flight.pop(queue.get())
+                reading -= nbytes
                 _result(future, target.path, self.directory)
                 group_left[id(group)] -= 1
                 if group_left[id(group)] == 0:
                     del group_left[id(group)]
                 target.waiting -= 1
                 if target.waiting == 0:
-                    pending_bytes -= target.nbytes
+                    held -= target.nbytes if target.transient else 0
                     self._finish(target)
         except BaseException:
-            for _, future, _ in in_flight.values():
+            for _, future, *_ in in_flight.values():
                 future.cancel()
             raise
         return self.done
