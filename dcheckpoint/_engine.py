@@ -34,7 +34,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import tensorstore as ts
 
 from . import _tensorstore as tsio
 from . import errors
@@ -397,7 +396,7 @@ class _Slice:
     def __init__(self, path, read, dtype):
         self.path, self.read = path, read
         self.buffer = _aligned_empty(tuple(s.stop - s.start for s in read.index), dtype)
-        self.view = ts.array(self.buffer, copy=False, write=True)  # reads land here
+        self.view = tsio.writable_view(self.buffer)  # reads land here
         self.waiting = 0  # pieces not yet read
         self.nbytes, self.itemsize = self.buffer.nbytes, self.buffer.itemsize
         # Copied to an accelerator and freed; on CPU (or host) the buffer is the result.
@@ -410,10 +409,10 @@ class _Restore:
     The reads of every target slice are cut into pieces at the stored array's read
     granularity (an inner chunk of a sharded shard, else a chunk; see
     `_tensorstore.zarr_spec`), and TensorStore writes each piece straight into the
-    slice's host buffer: one copy per byte, on TensorStore's threads. Pieces run in
-    stored order, so the slices that need the same stored chunk read it together and
-    TensorStore reads it once (every stored byte is read once when a checkpoint from
-    a few big shards is restored onto many devices). A slice goes to its devices as
+    slice's host buffer: one copy per byte, on TensorStore's threads. A stored chunk
+    that several slices need is read once and its parts copied to each (every stored
+    byte is read once when a checkpoint from a few big shards is restored onto many
+    devices). A slice goes to its devices as
     soon as its last piece lands, and an array is built as soon as its last slice has.
 
     Memory: pieces in flight (TensorStore's buffers) stay within the window
@@ -452,57 +451,87 @@ class _Restore:
     def run(self) -> dict[str, Any]:
         window, max_reads = read_window()
         self.pieces.sort(key=lambda p: p[0])
-        # The pieces of one stored chunk start together, so TensorStore reads it once.
         groups = collections.deque(
             list(g) for _, g in itertools.groupby(self.pieces, key=lambda p: p[0]))
         self.pieces = []
-        queue: _queue.SimpleQueue = _queue.SimpleQueue()
-        in_flight: dict[int, tuple] = {}  # piece future id -> (slice, future, group, bytes)
-        group_left: dict[int, int] = {}  # group id -> its pieces not yet landed
-        reading = 0  # bytes of pieces in flight (TensorStore's buffers)
-        held = 0  # host buffers of started slices that are copied to devices, then freed
-        started: set[int] = set()
+        self.queue: _queue.SimpleQueue = _queue.SimpleQueue()
+        self.in_flight: dict[int, tuple] = {}  # future id -> (future, what, bytes)
+        self.open: dict[int, int] = {}  # group id -> its pieces not yet landed
+        self.reading = 0  # bytes being read (TensorStore's buffers)
+        self.held = 0  # host buffers of started slices that are copied, then freed
+        self.started: set[int] = set()
 
         def admits(group) -> bool:
-            if not in_flight:
+            if not self.in_flight:
                 return True  # always make progress
-            if reading >= window or len(group_left) >= max_reads:
+            if self.reading >= window or len(self.open) >= max_reads:
                 return False
-            new = [t for _, t, *_ in group if id(t) not in started and t.transient]
-            return not new or held < window
+            new = [t for _, t, *_ in group if id(t) not in self.started and t.transient]
+            return not new or self.held < window
 
         try:
-            while groups or in_flight:
+            while groups or self.in_flight:
                 while groups and admits(groups[0]):
-                    group = groups.popleft()
-                    group_left[id(group)] = len(group)
-                    with ts.Batch() as batch:  # one read of the chunk feeds every piece
-                        for _, target, array, piece, local in group:
-                            if id(target) not in started:
-                                started.add(id(target))
-                                held += target.nbytes if target.transient else 0
-                            nbytes = target.itemsize * math.prod(
-                                s.stop - s.start for s in piece)
-                            future = target.view[local].write(array[piece], batch=batch)
-                            key = id(future)
-                            in_flight[key] = (target, future, group, nbytes)
-                            reading += nbytes
-                            future.add_done_callback(lambda _, key=key: queue.put(key))
-                target, future, group, nbytes = in_flight.pop(queue.get())
-                reading -= nbytes
-                _result(future, target.path, self.directory)
-                group_left[id(group)] -= 1
-                if group_left[id(group)] == 0:
-                    del group_left[id(group)]
-                target.waiting -= 1
-                if target.waiting == 0:
-                    held -= target.nbytes if target.transient else 0
-                    self._finish(target)
+                    self._start(groups.popleft())
+                self._land(*self.in_flight.pop(self.queue.get()))
         except BaseException:
-            for _, future, *_ in in_flight.values():
+            for future, *_ in self.in_flight.values():
                 future.cancel()
             raise
         return self.done
+
+    def _start(self, group: list) -> None:
+        """Starts the reads of one stored chunk's pieces (a group)."""
+        self.open[id(group)] = len(group)
+        for _, target, *_ in group:
+            if id(target) not in self.started:
+                self.started.add(id(target))
+                self.held += target.nbytes if target.transient else 0
+        _, target, array, piece, local = group[0]
+        if len(group) == 1 and target.view is not None:  # straight into the buffer
+            self._issue(target.view[local].write(array[piece]), ("piece", group, target),
+                        target.itemsize * _size(piece))
+            return
+        # Several slices need this chunk: one read of their region, then each slice's
+        # part goes to its buffer (TensorStore dedupes concurrent reads of a chunk
+        # only when they happen to overlap; one read makes "read once" certain).
+        region = tuple(slice(min(p[3][d].start for p in group), max(p[3][d].stop for p in group))
+                       for d in range(len(piece)))
+        self._issue(array[region].read(), ("region", group, region),
+                    target.itemsize * _size(region))
+
+    def _issue(self, future, what: tuple, nbytes: int) -> None:
+        key = id(future)
+        self.in_flight[key] = (future, what, nbytes)
+        self.reading += nbytes
+        future.add_done_callback(lambda _, key=key: self.queue.put(key))
+
+    def _land(self, future, what: tuple, nbytes: int) -> None:
+        self.reading -= nbytes
+        kind, group, rest = what
+        value = _result(future, group[0][1].path, self.directory)
+        if kind == "piece":
+            self._piece_done(group, rest)
+            return
+        for _, target, _, piece, local in group:
+            part = value[tuple(slice(p.start - r.start, p.stop - r.start)
+                               for p, r in zip(piece, rest, strict=True))]
+            if target.view is None:  # an older TensorStore: copy here
+                target.buffer[local] = part
+                self._piece_done(group, target)
+            else:  # copied on TensorStore's threads; ``value`` is never changed
+                self._issue(target.view[local].write(
+                    part, can_reference_source_data_indefinitely=True),
+                    ("piece", group, target), 0)
+
+    def _piece_done(self, group: list, target: _Slice) -> None:
+        self.open[id(group)] -= 1
+        if self.open[id(group)] == 0:
+            del self.open[id(group)]
+        target.waiting -= 1
+        if target.waiting == 0:
+            self.held -= target.nbytes if target.transient else 0
+            self._finish(target)
 
     def _finish(self, target: _Slice) -> None:
         """Hands a complete slice to its devices; builds its array once all are there."""
@@ -524,6 +553,10 @@ class _Restore:
             meta = self.metadata.arrays[path]
             self.done[path] = jax.make_array_from_single_device_arrays(
                 meta.shape, sharding, self.shards.pop(path))
+
+
+def _size(index) -> int:
+    return math.prod(s.stop - s.start for s in index)
 
 
 def _piece_grid(array, meta) -> tuple[int, ...]:

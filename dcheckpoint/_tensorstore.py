@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import tensorstore as ts
 
 from ._metadata import ArrayMetadata
 from .errors import CheckpointError, CorruptCheckpointError
 
 __all__ = ["zarr_spec", "open_for_write", "open_for_read", "translate_error", "group_node",
-           "inner_chunk_shape", "read_chunk_shape"]
+           "inner_chunk_shape", "read_chunk_shape", "writable_view"]
 
 _COMPRESSION_CODECS = {
     None: [],
@@ -160,6 +161,25 @@ def open_for_read(kvstore: dict, meta: ArrayMetadata):
         "schema": {"dtype": meta.dtype.name, "domain": {"shape": list(meta.shape)}},
     }
     return ts.open(spec, open=True, read=True, context=context())
+
+
+_WRITES_INTO_NUMPY: bool | None = None
+
+
+def writable_view(buffer: np.ndarray) -> ts.TensorStore | None:
+    """A TensorStore whose writes land in ``buffer``, so a read from a stored array goes
+    straight into it; None where this TensorStore cannot reference numpy memory
+    (checked once, by writing through a view), and the caller reads into a new array
+    and copies."""
+    global _WRITES_INTO_NUMPY
+    if _WRITES_INTO_NUMPY is None:
+        probe = np.zeros(2, np.uint8)
+        try:
+            ts.array(probe, copy=False, write=True)[1:].write(np.ones(1, np.uint8)).result()
+            _WRITES_INTO_NUMPY = bool(probe[1] == 1)
+        except (TypeError, ValueError, AttributeError):
+            _WRITES_INTO_NUMPY = False
+    return ts.array(buffer, copy=False, write=True) if _WRITES_INTO_NUMPY else None
 
 
 def group_node() -> bytes:

@@ -229,3 +229,15 @@ def test_cpu_snapshot_stays_a_zero_copy_view():
     snap = _engine.snapshot(plan)
     host = snap.writes[0].data
     assert host.ctypes.data == array.unsafe_buffer_pointer()
+
+
+def test_restore_without_writes_into_numpy_reads_and_copies(tmp_path, small_shards, monkeypatch):
+    """The path for a TensorStore that cannot write into a numpy buffer."""
+    values = _values((256, 64), "float32")
+    one = SingleDeviceSharding(jax.devices()[0])
+    dcheckpoint.save_pytree(str(tmp_path / "c"), {"w": _put(values, one)})
+    monkeypatch.setattr(tsio, "_WRITES_INTO_NUMPY", False)
+    target = NamedSharding(_mesh((4, 2)), P("x", "y"))
+    restored = dcheckpoint.restore_pytree(str(tmp_path / "c"), {"w": target})["w"]
+    np.testing.assert_array_equal(np.asarray(restored), values)
+    assert tsio.writable_view(np.zeros(4)) is None
