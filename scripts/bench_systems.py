@@ -137,10 +137,12 @@ class Orbax(_Jax):
             # Replica-parallel saving splits each replicated array across the 8 devices'
             # replicas: 8x the writes for 2,000 small arrays. Off, as a user would set it.
             import jax
+            from orbax.checkpoint._src.metadata import array_metadata_store
 
-            self.ocp.type_handlers.register_type_handler(
-                jax.Array, self.ocp.type_handlers.ArrayHandler(use_replica_parallel=False),
-                override=True)
+            # As Orbax registers its default jax.Array handler, with the one change.
+            handler = self.ocp.type_handlers.ArrayHandler(
+                use_replica_parallel=False, array_metadata_store=array_metadata_store.Store())
+            self.ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
         return super().make_state(shapes, workload)
 
     def clear(self, path):
