@@ -124,15 +124,18 @@ def test_coarse_to_fine_restore_reads_every_stored_byte_once(tmp_path, monkeypat
 
 def test_flipped_byte_and_truncation_of_a_sharded_shard_are_corruption(tmp_path, small_shards):
     dcheckpoint.save_pytree(str(tmp_path / "c"), {"w": _values((256, 64), "float32")})
+    assert dcheckpoint.verify(str(tmp_path / "c")).problems == ()
     shard = tmp_path / "c" / "w" / "c" / "0" / "0"
     data = bytearray(shard.read_bytes())
     data[40_000] ^= 0x01  # inside an inner chunk's data
     shard.write_bytes(bytes(data))
     with pytest.raises(dcheckpoint.CorruptCheckpointError, match="'w'"):
         dcheckpoint.restore_pytree(str(tmp_path / "c"), {"w": None})
+    assert "crc32c" in str(dcheckpoint.verify(str(tmp_path / "c")).problems)
     shard.write_bytes(bytes(data[:-100]))  # the shard index is at the end
     with pytest.raises(dcheckpoint.CorruptCheckpointError, match="'w'"):
         dcheckpoint.restore_pytree(str(tmp_path / "c"), {"w": None})
+    assert dcheckpoint.verify(str(tmp_path / "c")).problems
 
 
 def test_inner_chunks_divide_the_shard_and_stay_within_the_budget():
