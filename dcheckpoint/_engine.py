@@ -37,6 +37,7 @@ import itertools
 import json
 import math
 import os
+import queue as _queue
 import socket
 import time
 import uuid
@@ -104,16 +105,51 @@ def save_arrays(
 def snapshot(plan: SavePlan) -> SavePlan:
     """Takes this process's shards into host memory, so the caller may drop the arrays.
 
-    All device-to-host transfers are started before the first one is awaited.
+    All device-to-host transfers are started before the first one is awaited: on an
+    accelerator, one batched transfer into pinned host memory (`_pinned_snapshots`);
+    on CPU, a zero-copy view of each buffer (`_host_snapshot`).
     """
+    pinned = _pinned_snapshots([item.data for item in plan.writes])
     for item in plan.writes:
-        if isinstance(item.data, jax.Array):
-            item.data.copy_to_host_async()
+        if isinstance(item.data, jax.Array) and id(item.data) not in pinned:
+            if not _on_cpu(item.data):
+                item.data.copy_to_host_async()
     writes = tuple(
-        type(item)(item.path, item.index, item.chunk, _host_snapshot(item.data))
+        type(item)(item.path, item.index, item.chunk,
+                   pinned[id(item.data)] if id(item.data) in pinned
+                   else _host_snapshot(item.data))
         for item in plan.writes
     )
     return dataclasses.replace(plan, writes=writes)
+
+
+def _on_cpu(data: jax.Array) -> bool:
+    return all(d.platform == "cpu" for d in data.devices())
+
+
+def _pinned_snapshots(values, *, cpu: bool = False) -> dict[int, np.ndarray]:
+    """{id(shard): host copy} for the accelerator shards, by one batched transfer.
+
+    ``jax.device_put`` into each device's ``pinned_host`` memory starts every copy at
+    once and lands in page-locked memory, which the DMA engines fill at full speed
+    (a pageable copy per shard is several times slower, and serial); ``np.asarray`` of
+    a pinned-host array is then a view, not another copy. The copies are new buffers,
+    so later changes, deletion or donation of the device arrays cannot reach them.
+    Returns {} where there is no pinned host memory (a backend without it); the caller
+    then copies through pageable memory. CPU arrays are left to `_host_snapshot`'s
+    zero-copy view unless ``cpu`` (tests use it to run this path on CPU devices).
+    """
+    shards = [v for v in values if isinstance(v, jax.Array) and (cpu or not _on_cpu(v))]
+    if not shards:
+        return {}
+    try:
+        targets = [jax.sharding.SingleDeviceSharding(next(iter(v.devices())),
+                                                     memory_kind="pinned_host")
+                   for v in shards]
+        copies = jax.device_put(shards, targets)
+        return {id(v): np.asarray(c) for v, c in zip(shards, copies, strict=True)}
+    except (ValueError, TypeError, RuntimeError, NotImplementedError):
+        return {}  # no pinned_host memory kind here: fall back to pageable copies
 
 
 def _host_snapshot(data) -> np.ndarray:
@@ -429,6 +465,9 @@ def _read_arrays(
 ) -> dict[str, Any]:
     """Reads the arrays named in ``targets`` onto their target shardings.
 
+    Reads stream (see `_Restore`): each slice goes to its devices as soon as its reads
+    complete, so host memory beyond the restored arrays stays within the read window.
+
     Args:
       targets: {logical path: a ``Sharding``, ``ShapeDtypeStruct`` with a sharding,
         ``jax.Array`` (its sharding, shape and dtype), numpy array or None (host)}.
@@ -456,65 +495,228 @@ def _read_arrays(
             storage.kvstore_spec(storage_rel(storage, metadata.arrays[path].storage_path)),
             metadata.arrays[path],
         )
-        for path, (_, reads) in plans.items() if reads
+        for path, (_, reads) in plans.items()
+        if reads and metadata.arrays[path].nbytes
     }
-    jobs = []
-    for path, (_, reads) in plans.items():
+    restore = _Restore(directory, metadata)
+    for path, (sharding, reads) in plans.items():
         array = _result(opened[path], path, directory) if path in opened else None
-        jobs.extend((path, array, r) for r in reads if array is not None)
-    parts = _read_windowed(jobs, metadata, directory)
-    return {
-        path: finish_read(metadata.arrays[path], sharding,
-                          _assemble(metadata.arrays[path], sharding, parts.get(path, [])))
-        for path, (sharding, _) in plans.items()
-    }
+        restore.add(path, sharding, reads, array)
+    restored = restore.run()
+    return {path: finish_read(metadata.arrays[path], sharding, restored[path])
+            for path, (sharding, _) in plans.items()}
 
 
-def _read_windowed(jobs, metadata, directory) -> dict[str, list]:
-    """Runs every read with at most ``_READ_WINDOW_BYTES`` in flight; {path: parts}.
+def read_window() -> tuple[int, int]:
+    """(bytes, reads) a restore keeps in flight at most.
 
-    The window keeps the disk and TensorStore's threads busy while bounding the memory
-    beyond the restored arrays themselves: a read in flight holds TensorStore's buffer
-    and its output at once, so issuing all reads together would double the peak.
-    A read that spans several saved chunks (a resharded or replicated target) is split
-    at chunk boundaries into pieces that stream into one destination buffer, so a
-    64 MiB replicated read is eight 8 MiB reads in flight, not one.
+    Bytes: 32 MiB per core, at least 256 MiB and at most 1 GiB, and never more than an
+    eighth of the memory available now. 256 MiB is 32 reads of 8 MiB inner chunks,
+    what TensorStore's 32 concurrent file calls (`_tensorstore.context`) can use (the
+    64 MiB window this replaced left the disk idle between big chunks); more cores
+    decode and copy more pieces at once, and on an accelerator a 16-core host keeps
+    two 256 MiB slices going, so one slice's last pieces overlap the next one's reads.
+    Reads: two per core, 16 to 64, so small pieces still keep the cores and disk busy.
     """
-    parts: dict[str, list] = {}
-    tasks: collections.deque = collections.deque()
-    remaining: dict[int, int] = {}  # id(read) -> pieces not yet copied into its buffer
-    for path, array, read in jobs:
-        meta = metadata.arrays[path]
-        pieces = _chunk_pieces(read.index, meta.chunk_shape)
-        if len(pieces) == 1:
-            tasks.append((path, array, read, None, read.index, None))
-            continue
-        dest = _aligned_empty(tuple(s.stop - s.start for s in read.index), meta.dtype)
-        if not pieces:  # zero-size
-            parts.setdefault(path, []).append((read, dest))
-        remaining[id(read)] = len(pieces)
-        tasks.extend((path, array, read, dest, piece, local) for piece, local in pieces)
-    in_flight: collections.deque = collections.deque()
-    in_flight_bytes = 0
-    while tasks or in_flight:
-        while tasks and (not in_flight or in_flight_bytes < _READ_WINDOW_BYTES):
-            path, array, read, dest, index, local = tasks.popleft()
-            nbytes = metadata.arrays[path].dtype.itemsize * math.prod(
-                s.stop - s.start for s in index)
-            in_flight.append((path, read, dest, local, nbytes, array[index].read()))
-            in_flight_bytes += nbytes
-        path, read, dest, local, nbytes, future = in_flight.popleft()
-        in_flight_bytes -= nbytes
-        data = _result(future, path, directory)
-        del future  # drop TensorStore's buffer as soon as it is copied out
-        if dest is None:
-            parts.setdefault(path, []).append((read, _adoptable(data, read.devices)))
-            continue
-        dest[local] = data
-        remaining[id(read)] -= 1
-        if remaining[id(read)] == 0:
-            parts.setdefault(path, []).append((read, dest))
-    return parts
+    cores = os.cpu_count() or 1
+    window = min(max(256 << 20, (32 << 20) * cores), 1 << 30)
+    available = _available_memory()
+    if available:
+        window = min(window, max(64 << 20, available // 8))
+    return window, min(max(16, 2 * cores), 64)
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class _Slice:
+    """One target slice being restored: its host buffer and the pieces still to come."""
+
+    def __init__(self, path, read, dtype):
+        self.path, self.read = path, read
+        self.buffer = _aligned_empty(tuple(s.stop - s.start for s in read.index), dtype)
+        self.view = tsio.writable_view(self.buffer)  # reads land here
+        self.waiting = 0  # pieces not yet read
+        self.nbytes, self.itemsize = self.buffer.nbytes, self.buffer.itemsize
+        # Copied to an accelerator and freed; on CPU (or host) the buffer is the result.
+        self.transient = any(d.platform != "cpu" for d in read.devices)
+
+
+class _Restore:
+    """Streams reads from storage to devices.
+
+    The reads of every target slice are cut into pieces at the stored array's read
+    granularity (an inner chunk of a sharded shard, else a chunk; see
+    `_tensorstore.zarr_spec`), and TensorStore writes each piece straight into the
+    slice's host buffer: one copy per byte, on TensorStore's threads. A stored chunk
+    that several slices need is read once and its parts copied to each (every stored
+    byte is read once when a checkpoint from a few big shards is restored onto many
+    devices). A slice goes to its devices as
+    soon as its last piece lands, and an array is built as soon as its last slice has.
+
+    Memory: pieces in flight (TensorStore's buffers) stay within the window
+    (`read_window`), and a new slice bound for an accelerator starts only while the
+    host buffers of started ones total less than the window; so host memory beyond
+    the restored arrays is bounded by about twice the window (plus one slice), not by
+    the checkpoint. On CPU the host buffers become the device buffers (64-byte
+    aligned, adopted without a copy); on accelerators they are freed once copied.
+    """
+
+    def __init__(self, directory: str, metadata: CheckpointMetadata):
+        self.directory, self.metadata = directory, metadata
+        self.pieces: list[tuple] = []  # (order key, slice, stored array, piece, local)
+        self.shards: dict[str, list] = {}  # path -> device buffers so far
+        self.targets: dict[str, tuple] = {}  # path -> (sharding, slices left)
+        self.done: dict[str, Any] = {}
+
+    def add(self, path: str, sharding, reads, array) -> None:
+        meta = self.metadata.arrays[path]
+        if meta.nbytes == 0 or array is None:  # nothing stored: zero-size
+            value = np.zeros(meta.shape, meta.dtype)
+            self.done[path] = value if sharding is None else jax.device_put(value, sharding)
+            return
+        self.targets[path] = (sharding, len(reads))
+        self.shards[path] = []
+        grid = _piece_grid(array, meta)
+        for read in reads:
+            target = _Slice(path, read, meta.dtype)
+            for piece, local in _chunk_pieces(read.index, grid):
+                chunk = tuple(s.start // g for s, g in zip(piece, grid, strict=True))
+                target.waiting += 1
+                self.pieces.append(((len(self.targets), chunk), target, array, piece, local))
+            if target.waiting == 0:  # cannot happen for a non-empty array; be safe
+                self._finish(target)
+
+    def run(self) -> dict[str, Any]:
+        window, max_reads = read_window()
+        self.pieces.sort(key=lambda p: p[0])
+        groups = collections.deque(
+            list(g) for _, g in itertools.groupby(self.pieces, key=lambda p: p[0]))
+        self.pieces = []
+        self.queue: _queue.SimpleQueue = _queue.SimpleQueue()
+        self.in_flight: dict[int, tuple] = {}  # future id -> (future, what, bytes)
+        self.open: dict[int, int] = {}  # group id -> its pieces not yet landed
+        self.reading = 0  # bytes being read (TensorStore's buffers)
+        self.held = 0  # host buffers of started slices that are copied, then freed
+        self.started: set[int] = set()
+
+        def admits(group) -> bool:
+            if not self.in_flight:
+                return True  # always make progress
+            if self.reading >= window or len(self.open) >= max_reads:
+                return False
+            new = [t for _, t, *_ in group if id(t) not in self.started and t.transient]
+            return not new or self.held < window
+
+        try:
+            while groups or self.in_flight:
+                while groups and admits(groups[0]):
+                    self._start(groups.popleft())
+                self._land(*self.in_flight.pop(self.queue.get()))
+        except BaseException:
+            for future, *_ in self.in_flight.values():
+                future.cancel()
+            raise
+        return self.done
+
+    def _start(self, group: list) -> None:
+        """Starts the reads of one stored chunk's pieces (a group)."""
+        self.open[id(group)] = len(group)
+        for _, target, *_ in group:
+            if id(target) not in self.started:
+                self.started.add(id(target))
+                self.held += target.nbytes if target.transient else 0
+        _, target, array, piece, local = group[0]
+        if len(group) == 1 and target.view is not None:  # straight into the buffer
+            self._issue(target.view[local].write(array[piece]), ("piece", group, target),
+                        target.itemsize * _size(piece))
+            return
+        # Several slices need this chunk: one read of their region, then each slice's
+        # part goes to its buffer (TensorStore dedupes concurrent reads of a chunk
+        # only when they happen to overlap; one read makes "read once" certain).
+        region = tuple(slice(min(p[3][d].start for p in group), max(p[3][d].stop for p in group))
+                       for d in range(len(piece)))
+        self._issue(array[region].read(), ("region", group, region),
+                    target.itemsize * _size(region))
+
+    def _issue(self, future, what: tuple, nbytes: int) -> None:
+        key = id(future)
+        self.in_flight[key] = (future, what, nbytes)
+        self.reading += nbytes
+        future.add_done_callback(lambda _, key=key: self.queue.put(key))
+
+    def _land(self, future, what: tuple, nbytes: int) -> None:
+        self.reading -= nbytes
+        kind, group, rest = what
+        value = _result(future, group[0][1].path, self.directory)
+        if kind == "piece":
+            self._piece_done(group, rest)
+            return
+        for _, target, _, piece, local in group:
+            part = value[tuple(slice(p.start - r.start, p.stop - r.start)
+                               for p, r in zip(piece, rest, strict=True))]
+            if target.view is None:  # an older TensorStore: copy here
+                target.buffer[local] = part
+                self._piece_done(group, target)
+            else:  # copied on TensorStore's threads; ``value`` is never changed
+                self._issue(target.view[local].write(
+                    part, can_reference_source_data_indefinitely=True),
+                    ("piece", group, target), 0)
+
+    def _piece_done(self, group: list, target: _Slice) -> None:
+        self.open[id(group)] -= 1
+        if self.open[id(group)] == 0:
+            del self.open[id(group)]
+        target.waiting -= 1
+        if target.waiting == 0:
+            self.held -= target.nbytes if target.transient else 0
+            self._finish(target)
+
+    def _finish(self, target: _Slice) -> None:
+        """Hands a complete slice to its devices; builds its array once all are there."""
+        path, read = target.path, target.read
+        sharding, left = self.targets[path]
+        if sharding is None:
+            self.done[path] = target.buffer
+            return
+        # The buffer was read for this call and nobody else holds it, so devices may
+        # adopt it (on CPU it is not copied again); elsewhere device_put copies it.
+        kind = getattr(sharding, "memory_kind", None)  # e.g. pinned_host for offloading
+        self.shards[path].extend(jax.device_put(
+            [target.buffer] * len(read.devices),
+            [jax.sharding.SingleDeviceSharding(d, memory_kind=kind) for d in read.devices],
+            may_alias=True))
+        target.buffer = target.view = None
+        self.targets[path] = (sharding, left - 1)
+        if left == 1:
+            meta = self.metadata.arrays[path]
+            self.done[path] = jax.make_array_from_single_device_arrays(
+                meta.shape, sharding, self.shards.pop(path))
+
+
+def _size(index) -> int:
+    return math.prod(s.stop - s.start for s in index)
+
+
+def _piece_grid(array, meta) -> tuple[int, ...]:
+    """The grid restore pieces follow: the stored read chunks, merged along the first
+    dimension up to about one inner chunk's bytes, so small stored chunks do not become
+    small reads. Piece edges stay on read-chunk edges (multiples of the read chunk;
+    inner chunks divide their shard), so pieces never split a stored read chunk."""
+    grid = list(tsio.read_chunk_shape(array, meta.chunk_shape))
+    row_bytes = math.prod(grid[1:]) * meta.dtype.itemsize
+    if grid and row_bytes:
+        rows = (tsio.INNER_CHUNK_BYTES // row_bytes) // grid[0] * grid[0]
+        grid[0] = max(grid[0], min(rows, meta.chunk_shape[0]))
+    return tuple(grid)
 
 
 def _chunk_pieces(index, chunk_shape) -> list[tuple[tuple, tuple]]:
@@ -536,34 +738,6 @@ def storage_rel(storage, storage_path: str) -> str:
 
 
 _CPU_ALIGN = 64  # bytes; XLA's CPU client aliases host buffers aligned to this
-_READ_WINDOW_BYTES = 64 << 20  # restore reads in flight at once (see _read_windowed)
-
-
-def _assemble(meta, sharding, parts):
-    if sharding is None:
-        return parts[0][1] if parts else np.zeros(meta.shape, meta.dtype)
-    if not parts:  # zero-size array
-        return jax.device_put(np.zeros(meta.shape, meta.dtype), sharding)
-    # One batched transfer. The buffers were read for this call and nobody else holds
-    # them, so devices may adopt them (on CPU, aligned ones are not copied again).
-    values = [data for read, data in parts for _ in read.devices]
-    devices = [d for read, _ in parts for d in read.devices]
-    shards = jax.device_put(values, devices, may_alias=True)
-    return jax.make_array_from_single_device_arrays(meta.shape, sharding, shards)
-
-
-def _adoptable(data: np.ndarray, devices) -> np.ndarray:
-    """``data`` in a buffer XLA's CPU client can adopt without a copy (64-byte aligned).
-
-    TensorStore's buffers are 16-byte aligned, so a CPU device_put would copy them;
-    one copy into an aligned buffer here replaces that copy, and the TensorStore buffer
-    is freed as soon as the caller drops it. Other platforms copy to the device anyway.
-    """
-    if not devices or devices[0].platform != "cpu" or data.ctypes.data % _CPU_ALIGN == 0:
-        return data
-    out = _aligned_empty(data.shape, data.dtype)
-    np.copyto(out, data)
-    return out
 
 
 def _aligned_empty(shape, dtype) -> np.ndarray:

@@ -14,13 +14,15 @@ import os
 import threading
 import time
 
+import numpy as np
 import tensorstore as ts
 
 from ._metadata import ArrayMetadata
 from .errors import CheckpointError, CorruptCheckpointError, StorageTimeoutError
 
 __all__ = ["zarr_spec", "open_for_write", "open_for_read", "translate_error", "group_node",
-           "array_node", "write_files", "wait", "wait_all", "default_timeout_secs", "context"]
+           "array_node", "write_files", "wait", "wait_all", "default_timeout_secs", "context",
+           "inner_chunk_shape", "read_chunk_shape", "writable_view"]
 
 # A JSON object of TensorStore context resources merged over this library's own, e.g.
 # '{"s3_request_retries": {"max_retries": 8}, "s3_request_concurrency": {"limit": 64}}'.
@@ -190,10 +192,30 @@ def _timed_out(what: str, timeout_secs: float) -> StorageTimeoutError:
 def zarr_spec(kvstore: dict, meta: ArrayMetadata, compression: str | None) -> dict:
     """The Zarr v3 spec of one saved array.
 
+    A saved shard is one chunk of the Zarr chunk grid, so one process writes each file.
+    A shard bigger than ``_SHARD_ABOVE_BYTES`` is stored with Zarr v3's sharding codec:
+    still one file, but made of inner chunks of about ``INNER_CHUNK_BYTES``, each with
+    its own crc32c, so a restore reads a big shard in pieces in parallel and a target
+    that needs part of a shard reads (and checksums) only the inner chunks it needs.
+
     ``store_data_equal_to_fill_value`` makes every chunk a file, even an all-zero one,
     so that a missing chunk file is always an error on read, never silent zeros.
     """
     endian = {"configuration": {"endian": "little"}} if meta.dtype.itemsize > 1 else {}
+    codecs = [{"name": "bytes", **endian}, *_COMPRESSION_CODECS[compression],
+              {"name": "crc32c"}]
+    inner = inner_chunk_shape(meta.chunk_shape, meta.dtype.itemsize)
+    if inner is not None:
+        codecs = [{
+            "name": "sharding_indexed",
+            "configuration": {
+                "chunk_shape": list(inner),
+                "codecs": codecs,
+                "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                 {"name": "crc32c"}],
+                "index_location": "end",
+            },
+        }]
     return {
         "driver": "zarr3",
         "kvstore": kvstore,
@@ -205,14 +227,54 @@ def zarr_spec(kvstore: dict, meta: ArrayMetadata, compression: str | None) -> di
                 "configuration": {"chunk_shape": list(meta.chunk_shape)},
             },
             "chunk_key_encoding": {"name": "default"},
-            "codecs": [
-                {"name": "bytes", **endian},
-                *_COMPRESSION_CODECS[compression],
-                {"name": "crc32c"},
-            ],
+            "codecs": codecs,
         },
         "store_data_equal_to_fill_value": True,
     }
+
+
+INNER_CHUNK_BYTES = 8 << 20  # what one restore piece reads (and checksums) at once
+_SHARD_ABOVE_BYTES = 16 << 20  # smaller shards stay one plain chunk
+_MAX_INNER_CHUNKS = 1 << 16  # per shard; more would make the shard index the cost
+
+
+def inner_chunk_shape(chunk_shape: tuple[int, ...], itemsize: int) -> tuple[int, ...] | None:
+    """The inner chunks of a big shard, or None to store the shard as one plain chunk.
+
+    Zarr requires inner chunks to divide the shard evenly. Dimensions are cut from the
+    first (outermost) on, each to its largest divisor that keeps an inner chunk within
+    ``INNER_CHUNK_BYTES``; so a (8192, 8192) float32 shard gets (256, 8192) chunks of
+    8 MiB, each a contiguous run of the shard's bytes. Where only tiny inner chunks
+    would divide the shard, it stays one chunk (read whole, as before sharding).
+    """
+    nbytes = math.prod(chunk_shape) * itemsize
+    if nbytes <= _SHARD_ABOVE_BYTES:
+        return None
+    inner = list(chunk_shape)
+    for d, extent in enumerate(chunk_shape):
+        rest = math.prod(inner[d + 1:]) * itemsize  # bytes of one step along d
+        if rest * extent <= INNER_CHUNK_BYTES:
+            break
+        fits = max(1, INNER_CHUNK_BYTES // rest)
+        inner[d] = max(k for k in _divisors(extent) if k <= fits)
+        if rest <= INNER_CHUNK_BYTES:
+            break  # the next dimensions stay whole
+    count = math.prod(c // i for c, i in zip(chunk_shape, inner, strict=True))
+    too_small = math.prod(inner) * itemsize < INNER_CHUNK_BYTES // 16
+    if count < 2 or count > _MAX_INNER_CHUNKS or too_small:
+        return None  # e.g. a prime dimension: tiny inner chunks would cost more
+    return tuple(inner)
+
+
+def _divisors(n: int) -> list[int]:
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    return small + [n // k for k in small]
+
+
+def read_chunk_shape(array: ts.TensorStore, chunk_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The unit a read decodes: the inner chunk of a sharded array, else the chunk."""
+    shape = array.chunk_layout.read_chunk.shape
+    return chunk_shape if shape is None else tuple(shape)
 
 
 def open_for_write(kvstore: dict, meta: ArrayMetadata, compression: str | None):
@@ -263,6 +325,25 @@ def write_files(kvstore: dict, files: dict[str, bytes], *, timeout_secs: float,
                  what=what)
     wait_all([store.write(key, data) for key, data in files.items()],
              timeout_secs=timeout_secs, what=what, abandon_under=abandon_under)
+
+
+_WRITES_INTO_NUMPY: bool | None = None
+
+
+def writable_view(buffer: np.ndarray) -> ts.TensorStore | None:
+    """A TensorStore whose writes land in ``buffer``, so a read from a stored array goes
+    straight into it; None where this TensorStore cannot reference numpy memory
+    (checked once, by writing through a view), and the caller reads into a new array
+    and copies."""
+    global _WRITES_INTO_NUMPY
+    if _WRITES_INTO_NUMPY is None:
+        probe = np.zeros(2, np.uint8)
+        try:
+            ts.array(probe, copy=False, write=True)[1:].write(np.ones(1, np.uint8)).result()
+            _WRITES_INTO_NUMPY = bool(probe[1] == 1)
+        except (TypeError, ValueError, AttributeError):
+            _WRITES_INTO_NUMPY = False
+    return ts.array(buffer, copy=False, write=True) if _WRITES_INTO_NUMPY else None
 
 
 def group_node() -> bytes:
