@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 import dcheckpoint
 from dcheckpoint import _engine
 from dcheckpoint import _tensorstore as tsio
+from tests.ckpt_files import array_dir
 from tests.mp_util import REPO_ROOT
 
 
@@ -80,7 +81,7 @@ def test_big_shards_restore_in_pieces_bit_identical(tmp_path, small_shards, save
                 else NamedSharding(_mesh((4, 2)), P("x", "y")))
     tree = {k: _put(v, saved_as) for k, v in arrays.items()}
     dcheckpoint.save_pytree(str(tmp_path / "c"), tree)
-    zarr_json = json.loads((tmp_path / "c" / "f32" / "zarr.json").read_text())
+    zarr_json = json.loads((array_dir(tmp_path / "c", "f32") / "zarr.json").read_text())
     if saved == "one_device":
         assert zarr_json["codecs"][0]["name"] == "sharding_indexed"
         assert zarr_json["codecs"][0]["configuration"]["chunk_shape"] == [32, 48]
@@ -95,7 +96,7 @@ def test_big_shards_restore_in_pieces_bit_identical(tmp_path, small_shards, save
 def test_sharded_arrays_open_with_zarr_and_tensorstore_alone(tmp_path, small_shards):
     values = _values((256, 64), "float32")
     dcheckpoint.save_pytree(str(tmp_path / "c"), {"w": values})
-    path = str(tmp_path / "c" / "w")
+    path = str(array_dir(tmp_path / "c", "w"))
     assert zarr.open_array(path, mode="r").shards == (256, 64)
     assert zarr.open_array(path, mode="r").chunks == (32, 64)
     np.testing.assert_array_equal(zarr.open_array(path, mode="r")[...], values)
@@ -125,7 +126,7 @@ def test_coarse_to_fine_restore_reads_every_stored_byte_once(tmp_path, monkeypat
 def test_flipped_byte_and_truncation_of_a_sharded_shard_are_corruption(tmp_path, small_shards):
     dcheckpoint.save_pytree(str(tmp_path / "c"), {"w": _values((256, 64), "float32")})
     assert dcheckpoint.verify(str(tmp_path / "c")).problems == ()
-    shard = tmp_path / "c" / "w" / "c" / "0" / "0"
+    shard = array_dir(tmp_path / "c", "w") / "c" / "0" / "0"
     data = bytearray(shard.read_bytes())
     data[40_000] ^= 0x01  # inside an inner chunk's data
     shard.write_bytes(bytes(data))
