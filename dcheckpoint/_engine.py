@@ -34,8 +34,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import _packing, errors
 from . import _tensorstore as tsio
-from . import errors
 from ._comm import Communicator, default_communicator
 from ._metadata import (
     MAX_METADATA_BYTES,
@@ -130,7 +130,9 @@ def write_and_commit(
     # 2. (all) write owned chunks; 3. (all) report them to the coordinator.
     manifest: dict[str, Any] = {"process": comm.process_index, "arrays": _table_digest(plan)}
     try:
-        manifest["chunks"] = _write_chunks(staged, plan, options.compression)
+        packer = _packing.Packer(plan, comm.process_index, options.pack_below_bytes)
+        manifest["chunks"] = _write_chunks(staged, plan, options.compression, packer)
+        manifest["packed"] = packer.report()
     except Exception as e:  # reported to every process through the coordinator
         manifest["error"] = f"process {comm.process_index}: {_describe(e)}"
         local_error = e
@@ -145,7 +147,8 @@ def write_and_commit(
         try:
             reports = [json.loads(m) for m in manifests]
             _check_manifests(plan, reports)
-            _commit(target, staged, plan, object_graph, options.compression, comm)
+            packed = _packing.table_from_reports(plan, reports)
+            _commit(target, staged, plan, object_graph, options.compression, comm, packed)
             outcome = {"path": directory}
         except Exception as e:
             staged.remove_tree()  # every writer is done (they sent their manifests)
@@ -164,11 +167,19 @@ def write_and_commit(
     return directory
 
 
-def _write_chunks(staged, plan: SavePlan, compression) -> dict[str, list[list[int]]]:
-    """Writes this process's chunks; returns {path: [chunk coordinates]}."""
+def _write_chunks(staged, plan: SavePlan, compression,
+                  packer: _packing.Packer | None = None) -> dict[str, list[list[int]]]:
+    """Writes this process's chunks; returns {path: [chunk coordinates]}.
+
+    Chunks of small arrays go to ``packer`` (a few packed files); they are listed with
+    the others, so the coordinator's coverage count includes them.
+    """
     by_path: dict[str, list] = {}
     for item in plan.writes:
         by_path.setdefault(item.path, []).append(item)
+    packed_paths = {p for p in by_path if packer and packer.holds(p)}
+    chunks = {path: [list(i.chunk) for i in items] for path, items in by_path.items()}
+    by_path = {p: items for p, items in by_path.items() if p not in packed_paths}
     opens = {
         path: tsio.open_for_write(
             staged.kvstore_spec(plan.arrays[path].storage_path), plan.arrays[path],
@@ -176,7 +187,7 @@ def _write_chunks(staged, plan: SavePlan, compression) -> dict[str, list[list[in
         )
         for path in by_path
     }
-    writes = []
+    writes = packer.write(staged, compression) if packer else []
     for path, items in by_path.items():
         array = opens[path].result()
         for item in items:
@@ -194,7 +205,7 @@ def _write_chunks(staged, plan: SavePlan, compression) -> dict[str, list[list[in
             failures.append(e)
     if failures:
         raise failures[0]
-    return {path: [list(i.chunk) for i in items] for path, items in by_path.items()}
+    return chunks
 
 
 def _check_manifests(plan: SavePlan, reports: list[dict]) -> None:
@@ -225,16 +236,18 @@ def _check_manifests(plan: SavePlan, reports: list[dict]) -> None:
             )
 
 
-def _commit(target, staged, plan: SavePlan, object_graph, compression, comm) -> None:
+def _commit(target, staged, plan: SavePlan, object_graph, compression, comm,
+            packed: _packing.PackedTable | None = None) -> None:
     """(coordinator) Zarr metadata, group nodes, metadata file, fsync, publish."""
+    unpacked = [m for p, m in plan.arrays.items() if not (packed and packed.holds(p))]
     creates = [
         tsio.open_for_write(staged.kvstore_spec(m.storage_path), m, compression, create=True)
-        for m in plan.arrays.values()
-    ]
+        for m in unpacked
+    ] + _packing.create_arrays(staged, packed, compression)
     for c in creates:
         c.result()
-    groups = {""}
-    for m in plan.arrays.values():
+    groups = {""} | _packing.group_paths(packed)
+    for m in unpacked:
         parts = m.storage_path.split("/")[:-1]
         groups.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
     for group in sorted(groups):
@@ -248,6 +261,7 @@ def _commit(target, staged, plan: SavePlan, object_graph, compression, comm) -> 
             "hostname": socket.gethostname(),
             "jax_version": jax.__version__,
         },
+        packed=packed,
     )
     fsync_tree(staged.path)
     staged.write_bytes_atomic(METADATA_FILE, encode_metadata(meta))
@@ -306,6 +320,9 @@ def restore_arrays(
                 f"{_preview(metadata.arrays)}"
             )
         plans[path] = plan_read(path, meta, target)
+    packed = {p: plans.pop(p) for p in list(plans)
+              if metadata.packed and metadata.packed.holds(p)}
+    restored = _packing.restore(storage, metadata, packed, directory)
     opened = {
         path: tsio.open_for_read(
             storage.kvstore_spec(storage_rel(storage, metadata.arrays[path].storage_path)),
@@ -318,10 +335,11 @@ def restore_arrays(
         array = _result(opened[path], path, directory) if path in opened else None
         jobs.extend((path, array, r) for r in reads if array is not None)
     parts = _read_windowed(jobs, metadata, directory)
-    return {
-        path: _assemble(metadata.arrays[path], sharding, parts.get(path, []))
+    restored.update(
+        (path, _assemble(metadata.arrays[path], sharding, parts.get(path, [])))
         for path, (sharding, _) in plans.items()
-    }
+    )
+    return {path: restored[path] for path in targets}
 
 
 def _read_windowed(jobs, metadata, directory) -> dict[str, list]:

@@ -75,6 +75,7 @@ class CheckpointMetadata:
     save_time: float = 0.0
     writer: dict = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    packed: Any = None  # dcheckpoint._packing.PackedTable, or None: nothing packed
 
 
 def dtype_from_name(name: object, *, array: str) -> np.dtype:
@@ -106,6 +107,8 @@ def encode_metadata(meta: CheckpointMetadata) -> bytes:
         },
         "object_graph": meta.object_graph,
     }
+    if meta.packed is not None:
+        body["packed"] = meta.packed.to_json()
     doc = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -151,12 +154,15 @@ def decode_metadata(data: bytes, *, source: str) -> CheckpointMetadata:
     writer = body.get("writer", {})
     if not isinstance(save_time, (int, float)) or not isinstance(writer, dict):
         raise CorruptCheckpointError(f"{source}: malformed 'save_time' or 'writer'")
+    from ._packing import PackedTable  # (imports this module)
+
     return CheckpointMetadata(
         arrays=parsed,
         object_graph=body.get("object_graph"),
         save_time=float(save_time),
         writer=writer,
         format_version=version,
+        packed=PackedTable.from_json(body.get("packed"), parsed, source=source),
     )
 
 

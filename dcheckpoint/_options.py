@@ -21,11 +21,16 @@ class CheckpointOptions:
         costs CPU on the save path), ``"zstd"``, ``"gzip"`` or ``"blosc"``.
       timeout_secs: bound on every wait for the other processes of the job. A crashed
         peer turns into a ``CoordinationTimeoutError`` instead of a hang.
+      pack_below_bytes: when a save has at least 64 arrays whose saved shards are at
+        most this many bytes, those are packed per process and dtype into a few flat
+        Zarr arrays instead of one directory each (docs/FORMAT.md, "Packed arrays");
+        0 packs nothing. Must be the same on every process.
     """
 
     enable_async: bool = False
     compression: str | None = None
     timeout_secs: float = 600.0
+    pack_below_bytes: int = 256 << 10  # dcheckpoint._packing.PACK_BELOW_BYTES
 
     def __post_init__(self):
         if self.compression not in _COMPRESSIONS:
@@ -36,4 +41,9 @@ class CheckpointOptions:
         if not self.timeout_secs > 0:
             raise ValueError(
                 f"CheckpointOptions.timeout_secs must be positive, got {self.timeout_secs!r}"
+            )
+        if type(self.pack_below_bytes) is not int or self.pack_below_bytes < 0:
+            raise ValueError(
+                "CheckpointOptions.pack_below_bytes must be an int >= 0, got "
+                f"{self.pack_below_bytes!r}"
             )

@@ -19,6 +19,7 @@ import itertools
 import math
 import os
 
+from . import _packing
 from . import _tensorstore as tsio
 from ._engine import read_metadata
 from ._metadata import ArrayMetadata, CheckpointMetadata
@@ -122,8 +123,11 @@ def verify(path: str | os.PathLike, *, progress=None) -> VerifyReport:
     except CheckpointError as e:
         problems.append(VerifyProblem(None, "dcheckpoint.json", str(e)))
         return VerifyReport(path, 0, 0, 0, tuple(problems))
-    chunks = nbytes = 0
+    found, chunks, nbytes = _packing.verify(storage, metadata, advance)
+    problems.extend(VerifyProblem(*p) for p in found)
     for name in sorted(metadata.arrays):
+        if metadata.packed and metadata.packed.holds(name):
+            continue  # checked above, with the packed file that holds it
         checker = _ArrayChecker(storage, name, metadata.arrays[name], advance)
         checker.run()
         # Chunks never read (missing, wrong size, array unreadable) still count as done.
