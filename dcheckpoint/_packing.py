@@ -11,13 +11,12 @@ same codecs as every other array (crc32c per chunk of ``PACKED_CHUNK_BYTES``), s
 Zarr reader opens them; the metadata file's ``packed`` table says where each saved
 chunk of each packed array lies:
 
-    "packed": {
-      "arrays":  {"_packed/p0/float32": {"dtype": "float32", "size": 70, "chunk_size": 262144}},
-      "members": {"model/b": [{"in": "_packed/p0/float32", "offset": 6, "chunk": [0]}]}
-    }
+    "packed": {"_packed/p0/float32": {"dtype": "float32", "size": 70, "chunk_size": 262144,
+                                      "members": [["model/b", 0, [0]], ["step", 64, []]]}}
 
-A member's chunk holds ``prod(extent)`` elements from ``offset``, where extent is the
-chunk's shape clipped to the array (see docs/FORMAT.md for the reading recipe). The
+Each member ``[array path, offset, chunk coordinates]`` is one saved chunk, ``prod(extent)``
+elements from ``offset`` where extent is the chunk's shape clipped to the array (see
+docs/FORMAT.md for the reading recipe). The
 choice over TensorStore's OCDBT kvstore and its measurements are in docs/FORMAT.md.
 
 This module is the whole feature; the engine, verify and the metadata file call it
@@ -65,7 +64,7 @@ def packed_paths(arrays: dict[str, ArrayMetadata], limit: int) -> set[str]:
 
     Every process derives the same set from the same table of arrays.
     """
-    small = {p for p, m in arrays.items() if packable(m, limit)}
+    small = {p for p, m in arrays.items() if packable(m, limit) and 0 not in m.shape}
     return small if len(small) >= PACK_MIN_ARRAYS else set()
 
 
@@ -115,7 +114,7 @@ class PackedTable:
     """The ``packed`` section of the metadata file (validated when read)."""
 
     arrays: dict[str, PackedArray]
-    members: dict[str, tuple[Member, ...]]  # logical path -> its chunks (zero-size: none)
+    members: dict[str, tuple[Member, ...]]  # logical path -> where its chunks lie
 
     def holds(self, path: str) -> bool:
         return path in self.members
@@ -124,16 +123,14 @@ class PackedTable:
         return next((p.split("/", 1)[0] for p in self.arrays), None)
 
     def to_json(self) -> dict:
+        by_array: dict[str, list] = {name: [] for name in self.arrays}
+        for path, members in self.members.items():
+            for m in members:
+                by_array[m.packed].append([path, m.offset, list(m.chunk)])
         return {
-            "arrays": {
-                name: {"dtype": a.dtype.name, "size": a.size, "chunk_size": a.chunk_size}
-                for name, a in self.arrays.items()
-            },
-            "members": {
-                path: [{"in": m.packed, "offset": m.offset, "chunk": list(m.chunk)}
-                       for m in members]
-                for path, members in self.members.items()
-            },
+            name: {"dtype": a.dtype.name, "size": a.size, "chunk_size": a.chunk_size,
+                   "members": sorted(by_array[name], key=lambda e: e[1])}
+            for name, a in self.arrays.items()
         }
 
     @classmethod
@@ -152,62 +149,68 @@ class PackedTable:
         def bad(what: str) -> CorruptCheckpointError:
             return CorruptCheckpointError(f"{source}: packed table: {what}")
 
-        if not isinstance(doc, dict) or not isinstance(doc.get("arrays"), dict) \
-                or not isinstance(doc.get("members"), dict):
-            raise bad("expected an object with 'arrays' and 'members' objects")
+        if not isinstance(doc, dict):
+            raise bad("expected an object {packed array: its entry}")
         packed: dict[str, PackedArray] = {}
-        for name, entry in doc["arrays"].items():
+        found: dict[str, list[Member]] = {}
+        for name, entry in doc.items():
             check_storage_path(name, array=name)
-            if not isinstance(entry, dict) or not all(
-                    _is_int(entry.get(k), minimum) for k, minimum in
-                    (("size", 1), ("chunk_size", 1))):
-                raise bad(f"{name!r} needs integer 'size' and 'chunk_size' >= 1")
-            packed[name] = PackedArray(name, dtype_from_name(entry.get("dtype"), array=name),
-                                       entry["size"], entry["chunk_size"])
+            if not isinstance(entry, dict) or not isinstance(entry.get("members"), list) \
+                    or not _is_int(entry.get("size"), 1) \
+                    or not _is_int(entry.get("chunk_size"), 1):
+                raise bad(f"{name!r} needs integer 'size' and 'chunk_size' >= 1 and a "
+                          "'members' list")
+            array = packed[name] = PackedArray(
+                name, dtype_from_name(entry.get("dtype"), array=name), entry["size"],
+                entry["chunk_size"])
+            end = 0  # members are sorted by offset and may not overlap
+            for e in entry["members"]:
+                path, offset, chunk = e if isinstance(e, list) and len(e) == 3 else (0, 0, 0)
+                meta = arrays.get(path) if isinstance(path, str) else None
+                if meta is None or not _is_int(offset, end) or not _chunk_in_grid(chunk, meta):
+                    raise bad(f"{name!r}: malformed member {e!r} (an array of the "
+                              "checkpoint, an offset after the previous member's end, a "
+                              "chunk of its grid)")
+                if meta.dtype != array.dtype:
+                    raise bad(f"array {path!r} ({meta.dtype.name}) is packed into {name!r} "
+                              f"({array.dtype.name})")
+                size = _chunk_elements(meta, tuple(chunk))
+                end = offset + size
+                if end > array.size:
+                    raise bad(f"array {path!r}: chunk {chunk} ends past the end of {name!r}")
+                found.setdefault(path, []).append(Member(name, offset, tuple(chunk), size))
         roots = {n.split("/", 1)[0] for n in packed}
         if len(roots) > 1:
             raise bad(f"packed arrays under several roots {sorted(roots)}")
         clash = [p for p, m in arrays.items() if m.storage_path.split("/", 1)[0] in roots]
         if clash:
             raise bad(f"array {clash[0]!r} is stored inside the packed root {sorted(roots)}")
-        members: dict[str, tuple[Member, ...]] = {}
-        spans: dict[str, list[tuple[int, int, str]]] = {n: [] for n in packed}
-        for path, entries in doc["members"].items():
-            meta = arrays.get(path)
-            if meta is None or not isinstance(entries, list):
-                raise bad(f"member {path!r} is not an array of the checkpoint")
-            grid = [-(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True)]
-            seen = set()
-            parsed = []
-            for e in entries:
-                if not isinstance(e, dict) or e.get("in") not in packed \
-                        or not _is_int(e.get("offset"), 0) \
-                        or not isinstance(e.get("chunk"), list) \
-                        or len(e["chunk"]) != len(grid) \
-                        or not all(_is_int(i, 0) and i < g for i, g in zip(e["chunk"], grid,
-                                                                   strict=True)):
-                    raise bad(f"array {path!r}: malformed member {e!r}")
-                target = packed[e["in"]]
-                if target.dtype != meta.dtype:
-                    raise bad(f"array {path!r} ({meta.dtype.name}) packed into {e['in']!r} "
-                              f"({target.dtype.name})")
-                chunk = tuple(e["chunk"])
-                size = math.prod(_extent(meta, chunk))
-                if e["offset"] + size > target.size or chunk in seen:
-                    raise bad(f"array {path!r}: chunk {list(chunk)} lies outside "
-                              f"{e['in']!r} or is stored twice")
-                seen.add(chunk)
-                parsed.append(Member(e["in"], e["offset"], chunk, size))
-                spans[e["in"]].append((e["offset"], e["offset"] + size, path))
-            if len(seen) != (0 if 0 in meta.shape else math.prod(grid)):
-                raise bad(f"array {path!r}: {len(seen)} chunks stored, expected the "
-                          f"whole grid {grid}")
-            members[path] = tuple(parsed)
-        for name, found in spans.items():
-            found.sort()
-            if any(a[1] > b[0] for a, b in itertools.pairwise(found)):
-                raise bad(f"two members of {name!r} overlap")
-        return cls(packed, members)
+        for path, members in found.items():
+            meta = arrays[path]
+            grid = _grid(meta)
+            if len({m.chunk for m in members}) != len(members) or \
+                    len(members) != math.prod(grid):
+                raise bad(f"array {path!r}: {len(members)} chunks stored, expected each "
+                          f"chunk of the grid {grid} once")
+        return cls(packed, {p: tuple(ms) for p, ms in found.items()})
+
+
+def _grid(meta: ArrayMetadata) -> list[int]:
+    return [-(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True)]
+
+
+def _chunk_in_grid(chunk, meta: ArrayMetadata) -> bool:
+    if not isinstance(chunk, list) or len(chunk) != len(meta.shape):
+        return False
+    if meta.chunk_shape == meta.shape:
+        return all(type(i) is int and i == 0 for i in chunk)
+    return all(_is_int(i, 0) and i < g for i, g in zip(chunk, _grid(meta), strict=True))
+
+
+def _chunk_elements(meta: ArrayMetadata, chunk: tuple[int, ...]) -> int:
+    if meta.chunk_shape == meta.shape:
+        return math.prod(meta.shape)
+    return math.prod(_extent(meta, chunk))
 
 
 def _is_int(value, minimum: int) -> bool:
@@ -311,19 +314,18 @@ def table_from_reports(plan, reports: list[dict]) -> PackedTable | None:
             arrays[name] = _packed_array(name, np.dtype(plan.arrays[part["members"][0][0]]
                                                         .dtype), part["size"])
             for path, offset, chunk in part["members"]:
-                size = math.prod(_extent(plan.arrays[path], tuple(chunk)))
+                size = _chunk_elements(plan.arrays[path], tuple(chunk))
                 members[path].append(Member(name, offset, tuple(chunk), size))
     for path in paths:
         meta = plan.arrays[path]
-        expected = 0 if 0 in meta.shape else math.prod(
-            -(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True))
+        expected = math.prod(_grid(meta))
         if len({m.chunk for m in members[path]}) != expected or \
                 len(members[path]) != expected:
             raise CheckpointError(
                 f"Array {path!r}: expected {expected} packed chunks, one place each, "
                 f"found {len(members[path])}"
             )
-    return PackedTable(arrays, {p: tuple(members[p]) for p in sorted(paths)})
+    return PackedTable(arrays, {p: tuple(ms) for p, ms in members.items()})
 
 
 def create_arrays(staged, table: PackedTable | None, compression) -> list:
@@ -364,7 +366,7 @@ def restore(storage, metadata, plans: dict, directory: str) -> dict[str, Any]:
             parts = []
             for chunk, within, local in _overlaps(meta, read.index):
                 member = by_chunk[chunk]
-                size = math.prod(_extent(meta, chunk))
+                size = _chunk_elements(meta, chunk)
                 wanted.setdefault(member.packed, []).append((member.offset,
                                                              member.offset + size))
                 parts.append((member, size, within, local))
@@ -397,26 +399,31 @@ def restore(storage, metadata, plans: dict, directory: str) -> dict[str, Any]:
         values.setdefault(path, []).append((read, value))
     # 4. One batched transfer for every device array.
     out: dict[str, Any] = {}
-    flat_values, flat_devices = [], []
+    flat_values, flat_targets, placed = [], [], []
     for path, (sharding, _) in plans.items():
         meta = metadata.arrays[path]
         parts = values.get(path, [])
         if sharding is None:
             out[path] = parts[0][1] if parts else np.zeros(meta.shape, meta.dtype)
-            continue
-        for read, value in parts:
-            flat_values.extend(value for _ in read.devices)
-            flat_devices.extend(read.devices)
-    shards = iter(jax.device_put(flat_values, flat_devices) if flat_values else [])
-    for path, (sharding, _) in plans.items():
+        elif not parts:  # zero-size
+            out[path] = jax.device_put(np.zeros(meta.shape, meta.dtype), sharding)
+        elif len(parts) == 1 and len(sharding.device_set) == 1:
+            # One device: device_put makes the final array (no per-shard assembly).
+            flat_values.append(parts[0][1])
+            flat_targets.append(sharding)
+            placed.append((path, None))
+        else:
+            for read, value in parts:
+                flat_values.extend(value for _ in read.devices)
+                flat_targets.extend(read.devices)
+            placed.append((path, sharding))
+    moved = iter(jax.device_put(flat_values, flat_targets) if flat_values else [])
+    for path, sharding in placed:
         if sharding is None:
+            out[path] = next(moved)
             continue
         meta = metadata.arrays[path]
-        parts = values.get(path, [])
-        if not parts:  # zero-size
-            out[path] = jax.device_put(np.zeros(meta.shape, meta.dtype), sharding)
-            continue
-        mine = [next(shards) for read, _ in parts for _ in read.devices]
+        mine = [next(moved) for read, _ in values[path] for _ in read.devices]
         out[path] = jax.make_array_from_single_device_arrays(meta.shape, sharding, mine)
     return out
 
@@ -428,6 +435,8 @@ def _inside(storage, name: str) -> str:
 
 def _overlaps(meta: ArrayMetadata, index) -> list:
     """The saved chunks a global slice touches: [(chunk, slice in chunk, slice in read)]."""
+    if meta.chunk_shape == meta.shape and all(s.start == 0 for s in index):
+        return [((0,) * len(index), index, index)]  # one chunk, read whole (the usual)
     per_dim = []
     for s, c in zip(index, meta.chunk_shape, strict=True):
         dim = []

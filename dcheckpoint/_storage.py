@@ -15,6 +15,8 @@ straight into its final prefix and the metadata file, written last, is the only 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -157,7 +159,7 @@ class LocalStorage:
         return full
 
     def remove_tree(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        remove_tree_parallel(self.path)
 
     # -- staging and commit (coordinator only) --------------------------------------
 
@@ -382,15 +384,49 @@ def fsync_dir(path: str) -> None:
 
 
 def fsync_tree(path: str) -> None:
-    """fsyncs every directory under ``path`` (TensorStore fsyncs the files it writes).
+    """Makes every entry under ``path`` durable, once, with the fsyncs running together.
+
+    Files need nothing: TensorStore (``file_io_sync``) fsyncs each file it writes and
+    then its directory, and `LocalStorage.write_bytes_atomic` does the same. What
+    nobody fsynced is the entry of each directory created on the way, so only the
+    directories that hold sub-directories are fsynced (and ``path`` itself). fsync
+    waits on the disk, not the CPU, so they run on threads.
 
     A no-op for object store URLs: they have no directories, and an acknowledged PUT
     is already durable.
     """
     if is_url(path):
         return
-    for dirpath, _, _ in os.walk(path):
-        fsync_dir(dirpath)
+    parents = [path] + [d for d, subdirs, _ in os.walk(path) if subdirs and d != path]
+    with concurrent.futures.ThreadPoolExecutor(_FSYNC_THREADS) as pool:
+        list(pool.map(fsync_dir, parents))
+
+
+_FSYNC_THREADS = 16
+
+
+def remove_tree_parallel(path: str) -> None:
+    """``shutil.rmtree(path, ignore_errors=True)``, its top-level entries on threads.
+
+    Unlinks wait on the disk's journal, not the CPU, so a checkpoint of thousands of
+    array directories goes several times faster this way. Links inside are removed,
+    never followed; ``path`` itself being a link is refused, as rmtree refuses it.
+    """
+    try:
+        entries = [] if os.path.islink(path) else list(os.scandir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+
+    def remove(entry: os.DirEntry) -> None:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+    with concurrent.futures.ThreadPoolExecutor(_FSYNC_THREADS) as pool:
+        list(pool.map(remove, entries))
+    shutil.rmtree(path, ignore_errors=True)  # whatever appeared meanwhile, and path
 
 
 _RENAME_EXCHANGE = 2
