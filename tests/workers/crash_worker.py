@@ -29,13 +29,22 @@ MAX_TO_KEEP = 2
 CHECKPOINT_NAME = "ckpt"
 
 
+PACKED_LEAVES = 64  # enough small arrays that a save packs them (dcheckpoint._packing)
+
+
 def expected_values(number: int) -> dict[str, np.ndarray]:
-    """What checkpoint ``number`` holds, by logical name (small, three dtypes)."""
-    return {
+    """What checkpoint ``number`` holds, by logical name (small, three dtypes).
+
+    The ``b*`` leaves make every save a packed one (all arrays here are small).
+    """
+    values = {
         "weights": (np.arange(96, dtype=np.float32).reshape(12, 8) + number) * 0.5,
         "counts": np.arange(10, dtype=np.int32) * number - 7,
         "flags": ((np.arange(16) + number) % 3).astype(np.uint8),
     }
+    for i in range(PACKED_LEAVES):
+        values[f"b{i:02d}"] = np.arange(i % 5 + 1, dtype=np.float32) * number + i
+    return values
 
 
 def kill_trial(directory: str, *, delay_secs: float, after_ready: bool, use_async: bool,
