@@ -239,13 +239,11 @@ class Packer:
         self.limit = limit
         self.paths = packed_paths(plan.arrays, limit)
         root = root_name(plan.arrays)
-        self._groups: dict[str, list] = {}
+        self._groups: dict[np.dtype, list] = {}  # (dtype.name is slow: once per group)
         for item in plan.writes:
             if item.path in self.paths:
-                dtype = plan.arrays[item.path].dtype.name
-                self._groups.setdefault(dtype, []).append(item)
-        self._arrays = plan.arrays
-        self._names = {dt: f"{root}/p{process_index}/{dt}" for dt in self._groups}
+                self._groups.setdefault(plan.arrays[item.path].dtype, []).append(item)
+        self._names = {dt: f"{root}/p{process_index}/{dt.name}" for dt in self._groups}
 
     def holds(self, path: str) -> bool:
         return path in self.paths
@@ -273,7 +271,7 @@ class Packer:
             for item in items:
                 members.append([item.path, offset, list(item.chunk)])
                 offset += math.prod(s.stop - s.start for s in item.index)
-            out["arrays"][self._names[dtype]] = {"dtype": dtype, "size": offset,
+            out["arrays"][self._names[dtype]] = {"dtype": dtype.name, "size": offset,
                                                  "members": members}
         return out
 
@@ -366,10 +364,9 @@ def restore(storage, metadata, plans: dict, directory: str) -> dict[str, Any]:
             parts = []
             for chunk, within, local in _overlaps(meta, read.index):
                 member = by_chunk[chunk]
-                size = _chunk_elements(meta, chunk)
                 wanted.setdefault(member.packed, []).append((member.offset,
-                                                             member.offset + size))
-                parts.append((member, size, within, local))
+                                                             member.offset + member.size))
+                parts.append((member, member.size, within, local))
             pieces.append((path, read, parts))
     # 2. Read merged ranges, every read in flight together.
     ranges: dict[str, list[tuple[int, int, Any]]] = {}

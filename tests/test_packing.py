@@ -284,3 +284,28 @@ def test_two_process_save_restores_in_one_process(saved_by_two, processes, devic
                              devices_per_process=devices))
     assert [r["bad"] for r in out] == [[]]
     assert out[0]["checked"] == (74 * 8 if mesh != "host" else 74)
+
+
+def test_async_managed_saves_pack_and_old_ones_are_deleted(tmp_path):
+    values = {k.replace("/", "_"): v for k, v in _values(120).items()}
+    variables = {k: dcheckpoint.Variable(v) for k, v in values.items()
+                 if v.dtype.itemsize < 8 or v.dtype == np.complex64}
+    manager = dcheckpoint.CheckpointManager(dcheckpoint.Checkpoint(**variables),
+                                            str(tmp_path), max_to_keep=1)
+    options = dcheckpoint.CheckpointOptions(enable_async=True)
+    restored = {k: dcheckpoint.Variable(np.ones(v.shape, v.dtype)) for k, v in variables.items()}
+    first = manager.save(options=options)
+    for v in variables.values():  # the snapshot was taken: changing values is safe
+        v.assign(np.zeros(v.shape, v.dtype))
+    manager.sync()
+    dcheckpoint.Checkpoint(**restored).restore(first).assert_consumed()
+    for k, v in restored.items():
+        _same(v.value, values[k])
+    second = manager.save(options=options)
+    manager.sync()
+    names = sorted(n for n in os.listdir(tmp_path) if not n.startswith("."))
+    assert names == ["checkpoint", os.path.basename(second)]
+    assert dcheckpoint.read_metadata(second).packed is not None
+    dcheckpoint.Checkpoint(**restored).restore(second).assert_consumed()
+    for k, v in restored.items():
+        _same(v.value, np.zeros(values[k].shape, values[k].dtype))
