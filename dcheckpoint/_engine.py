@@ -37,6 +37,8 @@ import numpy as np
 from . import _packing, errors
 from . import _tensorstore as tsio
 from ._comm import Communicator, default_communicator
+from ._gc import paused as _gc_paused
+from ._gc import paused_unless_async as _gc_paused_unless_async
 from ._metadata import (
     MAX_METADATA_BYTES,
     METADATA_FILE,
@@ -53,6 +55,7 @@ __all__ = ["save_arrays", "plan_save", "snapshot", "write_and_commit", "read_met
            "restore_arrays", "is_committed"]
 
 
+@_gc_paused
 def save_arrays(
     directory: str,
     arrays: Mapping[str, Any],
@@ -77,6 +80,7 @@ def save_arrays(
                             comm=comm)
 
 
+@_gc_paused
 def snapshot(plan: SavePlan) -> SavePlan:
     """Takes this process's shards into host memory, so the caller may drop the arrays.
 
@@ -106,6 +110,7 @@ def _host_snapshot(data) -> np.ndarray:
     return np.array(data, copy=True)
 
 
+@_gc_paused_unless_async
 def write_and_commit(
     directory: str,
     plan: SavePlan,
@@ -273,6 +278,7 @@ def is_committed(directory: str) -> bool:
     return open_storage(directory).exists(METADATA_FILE)
 
 
+@_gc_paused
 def read_metadata(directory: str) -> CheckpointMetadata:
     """Reads and validates a committed checkpoint's metadata.
 
@@ -291,6 +297,7 @@ def read_metadata(directory: str) -> CheckpointMetadata:
     return decode_metadata(data, source=os.path.join(directory, METADATA_FILE))
 
 
+@_gc_paused
 def restore_arrays(
     directory: str,
     targets: Mapping[str, Any],

@@ -18,6 +18,7 @@ import numpy as np
 
 from mesh import Layout
 
+from ._gc import paused as _gc_paused
 from ._metadata import SUPPORTED_DTYPES, ArrayMetadata
 from ._paths import to_storage_path
 from .errors import CheckpointMismatchError
@@ -67,6 +68,7 @@ def normalize_index(index: tuple, shape: tuple[int, ...]) -> Index:
     )
 
 
+@_gc_paused
 def plan_save(arrays: Mapping[str, Any], *, is_coordinator: bool) -> SavePlan:
     """Plans a save of ``{logical path: array}``.
 

@@ -398,11 +398,32 @@ def fsync_tree(path: str) -> None:
     if is_url(path):
         return
     parents = [path] + [d for d, subdirs, _ in os.walk(path) if subdirs and d != path]
-    with concurrent.futures.ThreadPoolExecutor(_FSYNC_THREADS) as pool:
-        list(pool.map(fsync_dir, parents))
+    _on_threads(fsync_dir, parents)
 
 
-_FSYNC_THREADS = 16
+_IO_THREADS = 16
+
+
+def _on_threads(fn, items: list) -> None:
+    """``fn(item)`` for every item, on threads; serially once the interpreter is exiting.
+
+    An async save may still commit while the interpreter exits (it waits for it), and
+    then concurrent.futures accepts no more work.
+    """
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    try:
+        pool = concurrent.futures.ThreadPoolExecutor(min(_IO_THREADS, len(items)))
+        futures = [pool.submit(fn, item) for item in items]
+    except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+        for item in items:
+            fn(item)
+        return
+    with pool:
+        for future in futures:
+            future.result()
 
 
 def remove_tree_parallel(path: str) -> None:
@@ -424,8 +445,7 @@ def remove_tree_parallel(path: str) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
 
-    with concurrent.futures.ThreadPoolExecutor(_FSYNC_THREADS) as pool:
-        list(pool.map(remove, entries))
+    _on_threads(remove, entries)
     shutil.rmtree(path, ignore_errors=True)  # whatever appeared meanwhile, and path
 
 

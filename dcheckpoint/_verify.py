@@ -22,6 +22,7 @@ import os
 from . import _packing
 from . import _tensorstore as tsio
 from ._engine import read_metadata
+from ._gc import paused as _gc_paused
 from ._metadata import ArrayMetadata, CheckpointMetadata
 from ._storage import LocalStorage, ObjectStorage, open_storage
 from .errors import CheckpointError, CorruptCheckpointError
@@ -91,6 +92,7 @@ class VerifyReport:
             )
 
 
+@_gc_paused
 def verify(path: str | os.PathLike, *, progress=None) -> VerifyReport:
     """Reads every chunk of the checkpoint at ``path`` and checks it.
 
