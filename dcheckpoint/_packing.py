@@ -404,17 +404,23 @@ def restore(storage, metadata, plans: dict, directory: str) -> dict[str, Any]:
             out[path] = parts[0][1] if parts else np.zeros(meta.shape, meta.dtype)
         elif not parts:  # zero-size
             out[path] = jax.device_put(np.zeros(meta.shape, meta.dtype), sharding)
-        elif len(parts) == 1 and len(sharding.device_set) == 1:
-            # One device: device_put makes the final array (no per-shard assembly).
-            flat_values.append(parts[0][1])
+        elif len(parts) == 1 and sharding.is_fully_addressable:
+            # One read serves every device (one device, or replicated): device_put
+            # makes the final array, no per-shard assembly. (Not across processes:
+            # there device_put checks with a collective that all hold the same value.)
+            flat_values.append(_adoptable(parts[0][1], parts[0][0].devices))
             flat_targets.append(sharding)
             placed.append((path, None))
         else:
             for read, value in parts:
+                value = _adoptable(value, read.devices)
                 flat_values.extend(value for _ in read.devices)
                 flat_targets.extend(read.devices)
             placed.append((path, sharding))
-    moved = iter(jax.device_put(flat_values, flat_targets) if flat_values else [])
+    # The buffers are this call's own: devices may adopt them (CPU: no second copy, and
+    # one buffer serves every device of a replicated array).
+    moved = iter(jax.device_put(flat_values, flat_targets, may_alias=True)
+                 if flat_values else [])
     for path, sharding in placed:
         if sharding is None:
             out[path] = next(moved)
@@ -422,6 +428,24 @@ def restore(storage, metadata, plans: dict, directory: str) -> dict[str, Any]:
         meta = metadata.arrays[path]
         mine = [next(moved) for read, _ in values[path] for _ in read.devices]
         out[path] = jax.make_array_from_single_device_arrays(meta.shape, sharding, mine)
+    return out
+
+
+_CPU_ALIGN = 64  # bytes; XLA's CPU client adopts host buffers aligned to this
+
+
+def _adoptable(value: np.ndarray, devices) -> np.ndarray:
+    """``value`` in a buffer a CPU device can adopt without copying (64-byte aligned).
+
+    A packed array's values are views at any offset of a read buffer; one copy here
+    replaces a copy per device. Other platforms copy to the device anyway.
+    """
+    if not devices or devices[0].platform != "cpu" or value.ctypes.data % _CPU_ALIGN == 0:
+        return value
+    raw = np.empty(value.nbytes + _CPU_ALIGN, np.uint8)
+    start = -raw.ctypes.data % _CPU_ALIGN
+    out = raw[start:start + value.nbytes].view(value.dtype).reshape(value.shape)
+    np.copyto(out, value)
     return out
 
 
