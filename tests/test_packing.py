@@ -277,13 +277,15 @@ def test_two_processes_each_pack_their_own_shards(saved_by_two):
     assert not meta.packed.holds("big") and verify(saved_by_two).ok
 
 
-@pytest.mark.parametrize(("processes", "devices", "mesh"), [(1, 8, "2x4"), (1, 1, "host")],
-                         ids=["1proc_2x4", "1proc_host"])
-def test_two_process_save_restores_in_one_process(saved_by_two, processes, devices, mesh):
+@pytest.mark.parametrize(("processes", "devices", "mesh"),
+                         [(1, 8, "2x4"), (1, 1, "host"), (2, 4, "2x4")],
+                         ids=["1proc_2x4", "1proc_host", "2proc_2x4"])
+def test_two_process_save_restores_on_other_process_counts(saved_by_two, processes, devices,
+                                                           mesh):
     out = results(run_launch(WORKER, "restore", saved_by_two, mesh, processes=processes,
                              devices_per_process=devices))
-    assert [r["bad"] for r in out] == [[]]
-    assert out[0]["checked"] == (74 * 8 if mesh != "host" else 74)
+    assert [r["bad"] for r in out] == [[]] * processes
+    assert [r["checked"] for r in out] == [74 * devices if mesh != "host" else 74] * processes
 
 
 def test_async_managed_saves_pack_and_old_ones_are_deleted(tmp_path):
