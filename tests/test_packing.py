@@ -5,6 +5,8 @@ hostile packed tables."""
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import ml_dtypes
@@ -311,3 +313,12 @@ def test_async_managed_saves_pack_and_old_ones_are_deleted(tmp_path):
     dcheckpoint.Checkpoint(**restored).restore(second).assert_consumed()
     for k, v in restored.items():
         _same(v.value, np.zeros(values[k].shape, values[k].dtype))
+
+
+def test_cli_inspect_names_the_packed_files(saved):
+    path, _ = saved
+    done = subprocess.run([sys.executable, "-m", "dcheckpoint._cli", "inspect", "--json", path],
+                          capture_output=True, text=True, cwd=REPO_ROOT, check=True)
+    arrays = {a["path"]: a for a in json.loads(done.stdout)["arrays"]}
+    assert arrays["step"]["packed_in"] == ["_packed/p0/int64"]
+    assert "packed_in" not in arrays["big"]
