@@ -322,3 +322,22 @@ def test_cli_inspect_names_the_packed_files(saved):
     arrays = {a["path"]: a for a in json.loads(done.stdout)["arrays"]}
     assert arrays["step"]["packed_in"] == ["_packed/p0/int64"]
     assert "packed_in" not in arrays["big"]
+
+
+def test_parallel_tree_removal_never_follows_links(tmp_path):
+    from dcheckpoint._state_file import delete_checkpoint
+    from dcheckpoint._storage import remove_tree_parallel
+
+    outside = tmp_path / "outside"
+    (outside / "d").mkdir(parents=True)
+    (outside / "d" / "keep").write_text("x")
+    _engine.save_arrays(str(tmp_path / "ckpt"), {f"a{i}": np.arange(3) for i in range(200)},
+                        options=dcheckpoint.CheckpointOptions(pack_below_bytes=0))
+    os.symlink(outside / "d", tmp_path / "ckpt" / "a7" / "link")
+    os.symlink(outside / "d" / "keep", tmp_path / "ckpt" / "filelink")
+    assert delete_checkpoint(str(tmp_path / "ckpt"))
+    assert not os.path.exists(tmp_path / "ckpt")
+    assert (outside / "d" / "keep").read_text() == "x"
+    os.symlink(outside, tmp_path / "link")  # the tree itself a link: refused, as rmtree does
+    remove_tree_parallel(str(tmp_path / "link"))
+    assert (outside / "d" / "keep").exists()
