@@ -239,10 +239,15 @@ class Packer:
         self.limit = limit
         self.paths = packed_paths(plan.arrays, limit)
         root = root_name(plan.arrays)
-        self._groups: dict[np.dtype, list] = {}  # (dtype.name is slow: once per group)
+        # By dtype in native byte order (a big-endian numpy value packs with the rest);
+        # dtype.name is slow, so it is taken once per group.
+        self._groups: dict[np.dtype, list] = {}
+        native: dict[np.dtype, np.dtype] = {}
         for item in plan.writes:
             if item.path in self.paths:
-                self._groups.setdefault(plan.arrays[item.path].dtype, []).append(item)
+                dtype = plan.arrays[item.path].dtype
+                key = native.get(dtype) or native.setdefault(dtype, dtype.newbyteorder("="))
+                self._groups.setdefault(key, []).append(item)
         self._names = {dt: f"{root}/p{process_index}/{dt.name}" for dt in self._groups}
 
     def holds(self, path: str) -> bool:
@@ -256,7 +261,8 @@ class Packer:
                     item.data.copy_to_host_async()
         futures = []
         for dtype, items in self._groups.items():
-            flat = np.concatenate([np.asarray(i.data).reshape(-1) for i in items])
+            flat = np.concatenate([np.asarray(i.data).reshape(-1) for i in items],
+                                  dtype=dtype)
             meta = _packed_array(self._names[dtype], flat.dtype, flat.size).meta
             array = tsio.open_for_write(staged.kvstore_spec(meta.storage_path), meta,
                                         compression, create=False).result()
@@ -309,8 +315,8 @@ def table_from_reports(plan, reports: list[dict]) -> PackedTable | None:
     members: dict[str, list[Member]] = {p: [] for p in paths}
     for r in reports:
         for name, part in r.get("packed", {}).get("arrays", {}).items():
-            arrays[name] = _packed_array(name, np.dtype(plan.arrays[part["members"][0][0]]
-                                                        .dtype), part["size"])
+            arrays[name] = _packed_array(name, dtype_from_name(part["dtype"], array=name),
+                                         part["size"])
             for path, offset, chunk in part["members"]:
                 size = _chunk_elements(plan.arrays[path], tuple(chunk))
                 members[path].append(Member(name, offset, tuple(chunk), size))

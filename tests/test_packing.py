@@ -341,3 +341,16 @@ def test_parallel_tree_removal_never_follows_links(tmp_path):
     os.symlink(outside, tmp_path / "link")  # the tree itself a link: refused, as rmtree does
     remove_tree_parallel(str(tmp_path / "link"))
     assert (outside / "d" / "keep").exists()
+
+
+def test_big_endian_values_pack_with_native_ones(tmp_path):
+    values = _values()
+    values["be"] = np.arange(6, dtype=">f4").reshape(2, 3)
+    values["be_int"] = np.arange(5, dtype=">i8")
+    _engine.save_arrays(str(tmp_path / "c"), values)
+    meta = dcheckpoint.read_metadata(str(tmp_path / "c"))
+    assert meta.packed.members["be"][0].packed == "_packed/p0/float32"
+    out = _engine.restore_arrays(str(tmp_path / "c"), dict.fromkeys(values))
+    for name, want in values.items():
+        np.testing.assert_array_equal(out[name], want)
+        assert out[name].dtype == want.dtype.newbyteorder("=")
