@@ -44,6 +44,7 @@ from ._metadata import (
     METADATA_FILE,
     CheckpointMetadata,
     decode_metadata,
+    dtype_name,
     encode_metadata,
 )
 from ._options import CheckpointOptions
@@ -462,7 +463,7 @@ def _result(future, path: str, directory: str):
 
 def _table_digest(plan: SavePlan) -> str:
     """A short digest of every array's path, shape and dtype, compared across processes."""
-    table = sorted([p, list(m.shape), m.dtype.name] for p, m in plan.arrays.items())
+    table = sorted([p, list(m.shape), dtype_name(m.dtype)] for p, m in plan.arrays.items())
     return hashlib.sha256(json.dumps(table).encode()).hexdigest()
 
 

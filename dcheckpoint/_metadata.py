@@ -9,6 +9,7 @@ from anywhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -78,6 +79,13 @@ class CheckpointMetadata:
     packed: Any = None  # dcheckpoint._packing.PackedTable, or None: nothing packed
 
 
+@functools.cache
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, cached: numpy computes it in Python (several microseconds), and a
+    save of 50,000 arrays asked for it 200,000 times."""
+    return dtype.name
+
+
 def dtype_from_name(name: object, *, array: str) -> np.dtype:
     if not isinstance(name, str) or name not in SUPPORTED_DTYPES:  # lists: unhashable
         raise CorruptCheckpointError(
@@ -99,7 +107,7 @@ def encode_metadata(meta: CheckpointMetadata) -> bytes:
             path: {
                 "storage_path": a.storage_path,
                 "shape": list(a.shape),
-                "dtype": a.dtype.name,
+                "dtype": dtype_name(a.dtype),
                 "chunk_shape": list(a.chunk_shape),
                 "layout": a.layout,
             }

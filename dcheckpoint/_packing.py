@@ -321,10 +321,13 @@ def table_from_reports(plan, reports: list[dict]) -> PackedTable | None:
                 size = _chunk_elements(plan.arrays[path], tuple(chunk))
                 members[path].append(Member(name, offset, tuple(chunk), size))
     for path in paths:
-        meta = plan.arrays[path]
-        expected = math.prod(_grid(meta))
-        if len({m.chunk for m in members[path]}) != expected or \
-                len(members[path]) != expected:
+        meta, found = plan.arrays[path], members[path]
+        if meta.chunk_shape == meta.shape:  # one chunk (the usual): one place
+            expected, ok = 1, len(found) == 1
+        else:
+            expected = math.prod(_grid(meta))
+            ok = len(found) == expected == len({m.chunk for m in found})
+        if not ok:
             raise CheckpointError(
                 f"Array {path!r}: expected {expected} packed chunks, one place each, "
                 f"found {len(members[path])}"
@@ -414,7 +417,9 @@ def restore(storage, metadata, plans: dict, directory: str) -> dict[str, Any]:
             # One read serves every device (one device, or replicated): device_put
             # makes the final array, no per-shard assembly. (Not across processes:
             # there device_put checks with a collective that all hold the same value.)
-            flat_values.append(_adoptable(parts[0][1], parts[0][0].devices))
+            read, value = parts[0]
+            flat_values.append(_adoptable(value, read.devices) if len(read.devices) > 1
+                               else value)  # one device: device_put's one copy is enough
             flat_targets.append(sharding)
             placed.append((path, None))
         else:

@@ -19,7 +19,7 @@ import numpy as np
 from mesh import Layout
 
 from ._gc import paused as _gc_paused
-from ._metadata import SUPPORTED_DTYPES, ArrayMetadata
+from ._metadata import SUPPORTED_DTYPES, ArrayMetadata, dtype_name
 from ._paths import to_storage_path
 from .errors import CheckpointMismatchError
 
@@ -98,7 +98,7 @@ def _is_process_local(value: jax.Array) -> bool:
 
 def _array_metadata(path: str, shape, dtype, shard_shape, layout) -> ArrayMetadata:
     dtype = np.dtype(dtype)
-    if dtype.name not in SUPPORTED_DTYPES:
+    if dtype_name(dtype) not in SUPPORTED_DTYPES:
         raise ValueError(
             f"Array {path!r}: dtype {dtype.name} cannot be saved; expected one of "
             f"{sorted(SUPPORTED_DTYPES)}"

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 
 from ._engine import read_metadata, restore_arrays, save_arrays
+from ._gc import paused as _gc_paused
 from ._options import CheckpointOptions
 from ._paths import join_path
 from ._tracking import key_name
@@ -24,6 +25,7 @@ def _flatten(tree: Any) -> tuple[dict[str, Any], Any]:
     return named, treedef
 
 
+@_gc_paused
 def save_pytree(
     path: str, tree: Any, *, options: CheckpointOptions | None = None
 ) -> str:
@@ -43,6 +45,7 @@ def save_pytree(
                        options=options)
 
 
+@_gc_paused
 def restore_pytree(path: str, target: Any) -> Any:
     """Restores the checkpoint at ``path`` into the structure of ``target``.
 
