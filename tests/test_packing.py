@@ -354,3 +354,37 @@ def test_big_endian_values_pack_with_native_ones(tmp_path):
     for name, want in values.items():
         np.testing.assert_array_equal(out[name], want)
         assert out[name].dtype == want.dtype.newbyteorder("=")
+
+
+def test_ranks_packing_with_different_limits_all_raise_and_nothing_commits(tmp_path):
+    directory = str(tmp_path / "ckpt")
+    out = results(run_launch(WORKER, "mixlimit", directory, "-", processes=2,
+                             devices_per_process=1))
+    assert [r["type"] for r in out] == ["CoordinationError"] * 2
+    assert all("pack_below_bytes" in r["error"] for r in out)
+    assert not os.path.exists(directory)
+    assert [p for p in os.listdir(tmp_path) if ".tmp-" in p] == []
+
+
+def test_flax_and_optax_state_round_trips_packed(tmp_path):
+    import flax.linen as nn
+    import optax
+
+    class Deep(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for i in range(24):
+                x = nn.relu(nn.Dense(8, name=f"dense{i}")(x))
+            return nn.LayerNorm()(x)
+
+    params = Deep().init(jax.random.key(0), np.ones((1, 8), np.float32))
+    opt_state = optax.adam(1e-3).init(params)
+    state = {"params": params, "opt": opt_state}
+    path = str(tmp_path / "ckpt")
+    dcheckpoint.save_pytree(path, state)
+    meta = dcheckpoint.read_metadata(path)
+    assert meta.packed is not None and len(meta.packed.members) >= 3 * 48
+    target = jax.tree.map(lambda x: None, state)
+    restored = dcheckpoint.restore_pytree(path, target)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        _same(got, np.asarray(want))

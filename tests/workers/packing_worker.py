@@ -1,6 +1,7 @@
 """Saves or restores a state of many small arrays under ``python -m launch``.
 
 usage: packing_worker.py save DIR MESH   |   packing_worker.py restore DIR MESH|host
+       packing_worker.py mixlimit DIR -      (ranks save with different packing limits)
 
 The state: 72 small arrays (packed: sharded ones, replicated ones, scalars, three
 dtypes) and one large array (not packed). Values are a function of the name and the
@@ -48,7 +49,18 @@ def make_mesh(text):
 
 
 mode, directory, mesh_text = sys.argv[1:4]
-if mode == "save":
+if mode == "mixlimit":
+    # Rank 1 packs nothing, rank 0 packs: both must raise the same error, nothing commits.
+    tree = {f"a{i}": np.arange(i + 1, dtype=np.float32) for i in range(70)}
+    limit = 0 if info.process_index == 1 else 4096
+    try:
+        dcheckpoint.save_pytree(directory, tree,
+                                options=dcheckpoint.CheckpointOptions(pack_below_bytes=limit))
+        outcome = {"error": None}
+    except dcheckpoint.CheckpointError as e:
+        outcome = {"error": str(e), "type": type(e).__name__}
+    print("RESULT " + json.dumps({"rank": info.process_index, **outcome}), flush=True)
+elif mode == "save":
     mesh = make_mesh(mesh_text)
     tree = {}
     for name, (shape, dtype, spec) in arrays().items():
