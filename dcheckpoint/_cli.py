@@ -215,6 +215,9 @@ def _inspect(args) -> int:
             "chunk_shape": list(a.chunk_shape),
             "bytes": a.nbytes,
             "storage_path": a.storage_path,
+            # A packed array has no directory: the packed files that hold its chunks.
+            **({"packed_in": sorted({m.packed for m in meta.packed.members[name]})}
+               if meta.packed and meta.packed.holds(name) else {}),
         }
         for name, a in sorted(meta.arrays.items())
     ]

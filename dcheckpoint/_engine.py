@@ -47,16 +47,19 @@ from typing import Any
 import jax
 import numpy as np
 
+from . import _packing, errors
 from . import _tensorstore as tsio
-from . import errors
 from ._bounds import check_restore
 from ._comm import Communicator, agree, default_communicator, error_kind, run_ordered
+from ._gc import paused as _gc_paused
+from ._gc import paused_unless_async as _gc_paused_unless_async
 from ._log import log_save
 from ._metadata import (
     MAX_METADATA_BYTES,
     METADATA_FILE,
     CheckpointMetadata,
     decode_metadata,
+    dtype_name,
     encode_metadata,
 )
 from ._options import CheckpointOptions
@@ -74,6 +77,7 @@ __all__ = ["save_arrays", "plan_save", "snapshot", "write_and_commit", "read_met
            "restore_arrays", "is_committed"]
 
 
+@_gc_paused
 def save_arrays(
     directory: str,
     arrays: Mapping[str, Any],
@@ -102,6 +106,7 @@ def save_arrays(
     return path
 
 
+@_gc_paused
 def snapshot(plan: SavePlan) -> SavePlan:
     """Takes this process's shards into host memory, so the caller may drop the arrays.
 
@@ -166,6 +171,7 @@ def _host_snapshot(data) -> np.ndarray:
     return np.array(data, copy=True)
 
 
+@_gc_paused_unless_async
 def write_and_commit(
     directory: str,
     plan: SavePlan,
@@ -196,6 +202,7 @@ def write_and_commit(
     save_id = agree(comm, identity, _decide_save_id, kind="save",
                     tag=f"save identity of {directory!r}", timeout_secs=timeout)
     data_dir = data_dir_name(save_id)
+    packed_root = f"{data_dir}/{_packing.root_name(plan.arrays)}"  # beside the arrays
     plan = _in_data_dir(plan, data_dir)
 
     # 2. (all) write owned chunks; 3. (all) report them to the coordinator.
@@ -208,7 +215,10 @@ def write_and_commit(
         if comm.is_coordinator and not target.renames_atomically:
             replaced = [name for name in target.list_dir()
                         if name.startswith(_DATA_DIR_PREFIX) and name != data_dir]
-        manifest["chunks"] = _write_chunks(staged, plan, options.compression)
+        packer = _packing.Packer(plan, comm.process_index, options.pack_below_bytes,
+                                 root=packed_root)
+        manifest["chunks"] = _write_chunks(staged, plan, options.compression, packer)
+        manifest["packed"] = packer.report()
     except Exception as e:  # reported to every process through the coordinator
         manifest["error"] = f"process {comm.process_index}: {_describe(e)}"
         local_error = e
@@ -218,8 +228,9 @@ def write_and_commit(
         try:
             _check_manifests(plan, reports)
             graph = record_process_values(object_graph, reports)
+            packed = _packing.table_from_reports(plan, reports)
             _commit(target, staged, plan, graph, options.compression, comm, replaced,
-                    user_metadata=user_metadata)
+                    packed=packed, user_metadata=user_metadata)
         except Exception as e:
             if staged is not None:
                 staged.remove_tree()  # every writer is done (they sent their manifests)
@@ -283,11 +294,19 @@ def _in_data_dir(plan: SavePlan, data_dir: str) -> SavePlan:
     return dataclasses.replace(plan, arrays=arrays)
 
 
-def _write_chunks(staged, plan: SavePlan, compression) -> dict[str, list[list[int]]]:
-    """Writes this process's chunks; returns {path: [chunk coordinates]}."""
+def _write_chunks(staged, plan: SavePlan, compression,
+                  packer: _packing.Packer | None = None) -> dict[str, list[list[int]]]:
+    """Writes this process's chunks; returns {path: [chunk coordinates]}.
+
+    Chunks of small arrays go to ``packer`` (a few packed files); they are listed with
+    the others, so the coordinator's coverage count includes them.
+    """
     by_path: dict[str, list] = {}
     for item in plan.writes:
         by_path.setdefault(item.path, []).append(item)
+    packed_paths = {p for p in by_path if packer and packer.holds(p)}
+    chunks = {path: [list(i.chunk) for i in items] for path, items in by_path.items()}
+    by_path = {p: items for p, items in by_path.items() if p not in packed_paths}
     opens = {
         path: tsio.open_for_write(
             staged.kvstore_spec(plan.arrays[path].storage_path), plan.arrays[path],
@@ -295,7 +314,7 @@ def _write_chunks(staged, plan: SavePlan, compression) -> dict[str, list[list[in
         )
         for path in by_path
     }
-    writes = []
+    writes = packer.write(staged, compression) if packer else []
     for path, items in by_path.items():
         array = tsio.wait(opens[path], timeout_secs=staged.timeout_secs,
                           what=f"opening array {path!r} in {staged.path}")
@@ -308,7 +327,7 @@ def _write_chunks(staged, plan: SavePlan, compression) -> dict[str, list[list[in
     # directory on failure, and a write still in flight would re-create it.
     tsio.wait_all(writes, timeout_secs=staged.timeout_secs, abandon_under=staged.path,
                   what=f"writing this process's chunks into {staged.path}")
-    return {path: [list(i.chunk) for i in items] for path, items in by_path.items()}
+    return chunks
 
 
 def _check_manifests(plan: SavePlan, reports: list[dict]) -> None:
@@ -333,21 +352,25 @@ def _check_manifests(plan: SavePlan, reports: list[dict]) -> None:
 
 
 def _commit(target, staged, plan: SavePlan, object_graph, compression, comm,
-            replaced=(), *, user_metadata=None) -> None:
+            replaced=(), *, packed: _packing.PackedTable | None = None,
+            user_metadata=None) -> None:
     """(coordinator) Zarr metadata, group nodes, metadata file, fsync, publish.
 
+    ``packed``: where the small arrays were packed (their own ``zarr.json`` is not
+    written: they are rows of the packed arrays, whose nodes are).
     ``user_metadata``: the caller's checked JSON dict, stored in the metadata file.
     ``replaced``: data directories of earlier saves to this object store prefix, which
     no committed metadata names once this save's metadata is written.
     """
+    unpacked = [m for p, m in plan.arrays.items() if not (packed and packed.holds(p))]
     # Plain writes, not TensorStore's create-if-absent: see tsio.array_node.
-    tsio.write_files(staged.kvstore_spec(), {
-        f"{m.storage_path}/zarr.json": tsio.array_node(m, compression)
-        for m in plan.arrays.values()
-    }, timeout_secs=staged.timeout_secs, abandon_under=staged.path,
-        what=f"writing the arrays' zarr.json in {staged.path}")
-    groups = {""}
-    for m in plan.arrays.values():
+    nodes = {f"{m.storage_path}/zarr.json": tsio.array_node(m, compression) for m in unpacked}
+    nodes.update(_packing.array_nodes(packed, compression))
+    tsio.write_files(staged.kvstore_spec(), nodes, timeout_secs=staged.timeout_secs,
+                     abandon_under=staged.path,
+                     what=f"writing the arrays' zarr.json in {staged.path}")
+    groups = {""} | _packing.group_paths(packed)
+    for m in unpacked:
         parts = m.storage_path.split("/")[:-1]
         groups.update("/".join(parts[:i]) for i in range(1, len(parts) + 1))
     for group in sorted(groups):
@@ -362,6 +385,7 @@ def _commit(target, staged, plan: SavePlan, object_graph, compression, comm,
             "jax_version": jax.__version__,
         },
         user_metadata=user_metadata,
+        packed=packed,
     )
     fsync_tree(staged.path)
     staged.write_bytes_atomic(METADATA_FILE, encode_metadata(meta))
@@ -375,6 +399,7 @@ def is_committed(directory: str) -> bool:
     return open_storage(directory).exists(METADATA_FILE)
 
 
+@_gc_paused
 def read_metadata(directory: str) -> CheckpointMetadata:
     """Reads and validates a committed checkpoint's metadata.
 
@@ -414,6 +439,7 @@ def _manager_directory_hint(directory: str) -> str:
     )
 
 
+@_gc_paused
 def restore_arrays(
     directory: str,
     targets: Mapping[str, Any],
@@ -489,20 +515,23 @@ def _read_arrays(
                 f"{_preview(metadata.arrays)}"
             )
         plans[path] = plan_read(path, meta, target)
-    check_restore(storage, directory, metadata, plans)  # before anything is allocated
+    packed = {p: plans[p] for p in plans if metadata.packed and metadata.packed.holds(p)}
+    unpacked = {p: plan for p, plan in plans.items() if p not in packed}
+    check_restore(storage, directory, metadata, unpacked)  # before anything is allocated
+    restored = _packing.restore(storage, metadata, packed, directory)
     opened = {
         path: tsio.open_for_read(
             storage.kvstore_spec(storage_rel(storage, metadata.arrays[path].storage_path)),
             metadata.arrays[path],
         )
-        for path, (_, reads) in plans.items()
+        for path, (_, reads) in unpacked.items()
         if reads and metadata.arrays[path].nbytes
     }
     restore = _Restore(directory, metadata)
-    for path, (sharding, reads) in plans.items():
+    for path, (sharding, reads) in unpacked.items():
         array = _result(opened[path], path, directory) if path in opened else None
         restore.add(path, sharding, reads, array)
-    restored = restore.run()
+    restored.update(restore.run())
     return {path: finish_read(metadata.arrays[path], sharding, restored[path])
             for path, (sharding, _) in plans.items()}
 
@@ -775,7 +804,7 @@ def _vanished_or(error: CheckpointError, directory: str) -> CheckpointError:
 
 def _table_digest(plan: SavePlan) -> str:
     """A short digest of every array's path, shape and dtype, compared across processes."""
-    table = sorted([p, list(m.shape), m.dtype.name] for p, m in plan.arrays.items())
+    table = sorted([p, list(m.shape), dtype_name(m.dtype)] for p, m in plan.arrays.items())
     return hashlib.sha256(json.dumps(table).encode()).hexdigest()
 
 

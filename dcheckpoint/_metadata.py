@@ -9,6 +9,7 @@ from anywhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -98,6 +99,14 @@ class CheckpointMetadata:
     format_version: int = FORMAT_VERSION
     # The caller's small JSON dict (``save(..., metadata=...)``); None when none was given.
     user_metadata: dict | None = None
+    packed: Any = None  # dcheckpoint._packing.PackedTable, or None: nothing packed
+
+
+@functools.cache
+def dtype_name(dtype: np.dtype) -> str:
+    """``dtype.name``, cached: numpy computes it in Python (several microseconds), and a
+    save of 50,000 arrays asked for it 200,000 times."""
+    return dtype.name
 
 
 def dtype_from_name(name: object, *, array: str) -> np.dtype:
@@ -121,7 +130,7 @@ def encode_metadata(meta: CheckpointMetadata) -> bytes:
             path: {
                 "storage_path": a.storage_path,
                 "shape": list(a.shape),
-                "dtype": a.dtype.name,
+                "dtype": dtype_name(a.dtype),
                 "chunk_shape": list(a.chunk_shape),
                 "layout": a.layout,
                 **_value_fields(a),
@@ -132,13 +141,30 @@ def encode_metadata(meta: CheckpointMetadata) -> bytes:
     }
     if meta.user_metadata is not None:
         body["user_metadata"] = meta.user_metadata
+    if meta.packed is not None:
+        body["packed"] = meta.packed.to_json()
     doc = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "sha256": _digest(body),
         "checkpoint": body,
     }
-    return json.dumps(doc, indent=1, sort_keys=True).encode()
+    return _readable_json(doc).encode()
+
+
+def _readable_json(value, depth: int = 0) -> str:
+    """JSON with one line per array (or node), fast for 100,000 arrays.
+
+    ``json.dumps(indent=...)`` runs Python's encoder over every value; here the
+    outer levels and large maps are laid out one entry per line, and each entry is
+    one call of the C encoder. The digest does not depend on the layout.
+    """
+    if not isinstance(value, dict) or not value or (depth >= 3 and len(value) <= 16):
+        return json.dumps(value, sort_keys=True)
+    pad = " " * (depth + 1)
+    items = (f"{pad}{json.dumps(k)}: {_readable_json(value[k], depth + 1)}"
+             for k in sorted(value))
+    return "{\n" + ",\n".join(items) + "\n" + " " * depth + "}"
 
 
 def _value_fields(a: ArrayMetadata) -> dict:
@@ -183,6 +209,8 @@ def decode_metadata(data: bytes, *, source: str) -> CheckpointMetadata:
     user_metadata = body.get("user_metadata")
     if user_metadata is not None and not isinstance(user_metadata, dict):
         raise CorruptCheckpointError(f"{source}: 'user_metadata' must be an object or absent")
+    from ._packing import PackedTable  # (imports this module)
+
     return CheckpointMetadata(
         arrays=parsed,
         object_graph=body.get("object_graph"),
@@ -190,6 +218,7 @@ def decode_metadata(data: bytes, *, source: str) -> CheckpointMetadata:
         writer=writer,
         format_version=version,
         user_metadata=user_metadata,
+        packed=PackedTable.from_json(body.get("packed"), parsed, source=source),
     )
 
 

@@ -39,6 +39,10 @@ class CheckpointOptions:
       timeout_secs: bound on every wait for the other processes of the job and for
         storage. A crashed peer turns into a ``CoordinationTimeoutError``, a stalled
         object store into a ``StorageTimeoutError``, instead of a hang.
+      pack_below_bytes: when a save has at least 64 arrays whose saved shards are at
+        most this many bytes, those are packed per process and dtype into a few flat
+        Zarr arrays instead of one directory each (docs/FORMAT.md, "Packed arrays");
+        0 packs nothing. Must be the same on every process.
       experimental_enable_async_checkpoint: TF's older name of ``enable_async``.
       experimental_write_callbacks: functions called on every process after each save
         commits, as ``f(save_path)`` or ``f()``; an exception fails the save call
@@ -52,6 +56,7 @@ class CheckpointOptions:
     enable_async: bool = False
     compression: str | None = None
     timeout_secs: float = 600.0
+    pack_below_bytes: int = 256 << 10  # dcheckpoint._packing.PACK_BELOW_BYTES
     experimental_enable_async_checkpoint: bool = False
     experimental_write_callbacks: Sequence[Callable] | None = None
     experimental_io_device: str | None = None
@@ -65,6 +70,11 @@ class CheckpointOptions:
         if not self.timeout_secs > 0:
             raise ValueError(
                 f"CheckpointOptions.timeout_secs must be positive, got {self.timeout_secs!r}"
+            )
+        if type(self.pack_below_bytes) is not int or self.pack_below_bytes < 0:
+            raise ValueError(
+                "CheckpointOptions.pack_below_bytes must be an int >= 0, got "
+                f"{self.pack_below_bytes!r}"
             )
         if self.experimental_io_device is not None:
             raise ValueError(

@@ -18,7 +18,8 @@ import numpy as np
 
 from mesh import Layout
 
-from ._metadata import SUPPORTED_DTYPES, ArrayMetadata
+from ._gc import paused as _gc_paused
+from ._metadata import SUPPORTED_DTYPES, ArrayMetadata, dtype_name
 from ._paths import storage_paths, to_storage_path
 from .errors import CheckpointMismatchError, CoordinationError
 
@@ -84,6 +85,7 @@ def normalize_index(index: tuple, shape: tuple[int, ...]) -> Index:
     )
 
 
+@_gc_paused
 def plan_save(arrays: Mapping[str, Any], *, is_coordinator: bool) -> SavePlan:
     """Plans a save of ``{logical path: array}``.
 
@@ -148,7 +150,7 @@ def _array_metadata(path: str, shape, dtype, shard_shape, layout) -> ArrayMetada
         dtype = np.dtype(dtype)
     except TypeError:
         dtype = None
-    if dtype is None or dtype.name not in SUPPORTED_DTYPES:
+    if dtype is None or dtype_name(dtype) not in SUPPORTED_DTYPES:
         found = "a value of no numpy dtype" if dtype is None else f"dtype {dtype.name}"
         raise ValueError(
             f"Array {path!r}: {found} cannot be saved; supported dtypes are "

@@ -20,6 +20,7 @@ from jax.tree_util import SequenceKey
 from mesh import Mesh
 
 from ._engine import read_metadata, restore_arrays, save_arrays
+from ._gc import paused as _gc_paused
 from ._log import log_restore
 from ._metadata import ArrayMetadata, CheckpointMetadata
 from ._options import CheckpointOptions
@@ -79,6 +80,7 @@ def _savable(path: str, leaf: Any) -> Any:
     )
 
 
+@_gc_paused
 def save_pytree(
     path: str, tree: Any, *, options: CheckpointOptions | None = None
 ) -> str:
@@ -104,6 +106,7 @@ def save_pytree(
     return save_arrays(path, named, object_graph=graph, options=options)
 
 
+@_gc_paused
 def restore_pytree(path: str, target: Any = None) -> Any:
     """Restores the checkpoint at ``path`` into the structure of ``target``.
 

@@ -15,6 +15,8 @@ straight into its final prefix and the metadata file, written last, is the only 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -254,7 +256,7 @@ class LocalStorage:
         return full
 
     def remove_tree(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        remove_tree_parallel(self.path)
 
     # -- staging and commit (coordinator only) --------------------------------------
 
@@ -525,15 +527,69 @@ def fsync_dir(path: str) -> None:
 
 
 def fsync_tree(path: str) -> None:
-    """fsyncs every directory under ``path`` (TensorStore fsyncs the files it writes).
+    """Makes every entry under ``path`` durable, once, with the fsyncs running together.
+
+    Files need nothing: TensorStore (``file_io_sync``) fsyncs each file it writes and
+    then its directory, and `LocalStorage.write_bytes_atomic` does the same. What
+    nobody fsynced is the entry of each directory created on the way, so only the
+    directories that hold sub-directories are fsynced (and ``path`` itself). fsync
+    waits on the disk, not the CPU, so they run on threads.
 
     A no-op for object store URLs: they have no directories, and an acknowledged PUT
     is already durable.
     """
     if is_url(path):
         return
-    for dirpath, _, _ in os.walk(path):
-        fsync_dir(dirpath)
+    parents = [path] + [d for d, subdirs, _ in os.walk(path) if subdirs and d != path]
+    _on_threads(fsync_dir, parents)
+
+
+_IO_THREADS = 16
+
+
+def _on_threads(fn, items: list) -> None:
+    """``fn(item)`` for every item, on threads; serially once the interpreter is exiting.
+
+    An async save may still commit while the interpreter exits (it waits for it), and
+    then concurrent.futures accepts no more work.
+    """
+    if len(items) <= 1:
+        for item in items:
+            fn(item)
+        return
+    try:
+        pool = concurrent.futures.ThreadPoolExecutor(min(_IO_THREADS, len(items)))
+        futures = [pool.submit(fn, item) for item in items]
+    except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+        for item in items:
+            fn(item)
+        return
+    with pool:
+        for future in futures:
+            future.result()
+
+
+def remove_tree_parallel(path: str) -> None:
+    """``shutil.rmtree(path, ignore_errors=True)``, its top-level entries on threads.
+
+    Unlinks wait on the disk's journal, not the CPU, so a checkpoint of thousands of
+    array directories goes several times faster this way. Links inside are removed,
+    never followed; ``path`` itself being a link is refused, as rmtree refuses it.
+    """
+    try:
+        entries = [] if os.path.islink(path) else list(os.scandir(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+
+    def remove(entry: os.DirEntry) -> None:
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+    _on_threads(remove, entries)
+    shutil.rmtree(path, ignore_errors=True)  # whatever appeared meanwhile, and path
 
 
 _RENAME_EXCHANGE = 2

@@ -19,9 +19,11 @@ import math
 import os
 import stat
 
+from . import _packing
 from . import _tensorstore as tsio
 from ._bounds import chunk_nbytes, chunk_total, grid_shape, memory_limit
 from ._engine import read_metadata
+from ._gc import paused as _gc_paused
 from ._metadata import ArrayMetadata, CheckpointMetadata
 from ._storage import LocalStorage, ObjectStorage, _kind, open_storage
 from .errors import CheckpointError, CorruptCheckpointError
@@ -92,6 +94,7 @@ class VerifyReport:
             )
 
 
+@_gc_paused
 def verify(path: str | os.PathLike, *, progress=None) -> VerifyReport:
     """Reads every chunk of the checkpoint at ``path`` and checks it.
 
@@ -124,8 +127,11 @@ def verify(path: str | os.PathLike, *, progress=None) -> VerifyReport:
     except CheckpointError as e:
         problems.append(VerifyProblem(None, "dcheckpoint.json", str(e)))
         return VerifyReport(path, 0, 0, 0, tuple(problems))
-    chunks = nbytes = 0
+    found, chunks, nbytes = _packing.verify(storage, metadata, advance)
+    problems.extend(VerifyProblem(*p) for p in found)
     for name in sorted(metadata.arrays):
+        if metadata.packed and metadata.packed.holds(name):
+            continue  # checked above, with the packed file that holds it
         checker = _ArrayChecker(storage, name, metadata.arrays[name], advance)
         checker.run()
         # Chunks never read (missing, wrong size, array unreadable) still count as done.

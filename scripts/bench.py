@@ -31,14 +31,16 @@ ROOT = os.path.dirname(HERE)
 SYSTEMS = ("raw", "dcheckpoint", "orbax", "dcp")
 PEERS = ("orbax", "dcp")
 LARGE_PHASES = "save,restore:4x2,restore:2x4,restore:replicated,async"
+MANY_PHASES = "save,restore:4x2,verify,delete"  # ("restore:4x2": each on one device)
 
 
 def _config(quick: bool) -> dict:
     mib = 1 << 20
     if quick:
-        return {"large": (64 * mib, 16), "small": (10 * mib, 200), "scaling": (1, 2, 4)}
+        return {"large": (64 * mib, 16), "small": (10 * mib, 200), "many": (0, 1000),
+                "tiny": (5000 * 256, 5000), "scaling": (1, 2, 4)}
     return {"large": (1024 * mib, 16), "large4g": (4096 * mib, 16), "small": (100 * mib, 2000),
-            "scaling": (1, 2, 4)}
+            "many": (0, 10_000), "tiny": (50_000 * 256, 50_000), "scaling": (1, 2, 4)}
 
 
 def _run_worker(system, workload, size, phases, args, *, processes=1, memory=False,
@@ -76,16 +78,20 @@ def run_all(args) -> None:
     cfg = _config(args.quick)
     systems = [s for s in SYSTEMS if s in args.systems]
     plan = [("large", LARGE_PHASES, 1), ("small", "save,restore:4x2,async", 1)]
+    plan += [(w, MANY_PHASES, 1) for w in ("many", "tiny")]
     plan += [("large", "save,restore:4x2", p) for p in cfg["scaling"] if p > 1]
     if "large4g" in cfg:  # where big shards and the read window matter
         plan.append(("large4g", "save,restore:4x2", 1))
+    plan = [step for step in plan if step[0] in args.workloads.split(",")]
     for workload, phases, procs in plan:
         print(f"{workload} x{procs} process(es): {phases}", flush=True)
         for r in range(args.rounds):
             order = systems[r % len(systems):] + systems[:r % len(systems)]
             for system in order:
-                ph = phases if system != "raw" else _raw_phases(phases)
-                if (system, workload) == ("orbax", "small") and not args.quick:
+                ph = _system_phases(system, phases)
+                if not ph:
+                    continue
+                if system == "orbax" and workload != "large" and not args.quick:
                     # Orbax needs minutes per save of 2,000 arrays on 2 cores: one capped
                     # try, reported as a timeout if it does not finish.
                     if r == 0:
@@ -93,10 +99,19 @@ def run_all(args) -> None:
                                     timeout_s=args.orbax_small_timeout)
                     continue
                 _run_worker(system, workload, cfg[workload], ph, args, processes=procs)
+    if "large" not in args.workloads.split(","):
+        return
     print("peak memory (fresh process per phase)", flush=True)
     for system in systems:
         for phase in ("save", "restore:4x2"):
             _run_worker(system, "large", cfg["large"], phase, args, memory=True)
+
+
+def _system_phases(system: str, phases: str) -> str:
+    """The phases a system has: raw saves and reads; verify is dcheckpoint's alone."""
+    if system == "raw":
+        return _raw_phases(phases)
+    return ",".join(p for p in phases.split(",") if p != "verify" or system == "dcheckpoint")
 
 
 def _raw_phases(phases: str) -> str:
@@ -121,6 +136,7 @@ def summarize(records: list[dict]) -> dict:
             continue
         secs = [r["seconds"] for r in recs]
         entry = {"best_s": min(secs), "spread": max(secs) / min(secs) - 1, "runs": len(secs),
+                 "arrays": recs[0].get("arrays"),
                  "gbps": recs[0]["bytes"] / min(secs) / 1e9, "bytes": recs[0]["bytes"],
                  "cache_dropped": all(r.get("cache_dropped", True) for r in recs)}
         if phase == "async":
@@ -157,6 +173,13 @@ def print_table(summary: dict, records: list[dict]) -> None:
               + f"  {_ratio(g.get('dcheckpoint'), g.get('orbax')):>8s}"
               + f"  {_ratio(g.get('dcheckpoint'), g.get('dcp')):>6s}"
               + f"  {_ratio(g.get('dcheckpoint'), g.get('raw')):>6s}")
+    print("\nCost per array, microseconds (best; many = 10,000 arrays of 1-16 KiB, "
+          "tiny = 50,000 of 256 B, small = 2,000 of 1-256 KiB)")
+    for key in sorted(k for k in summary if k.split("|")[0] in ("small", "many", "tiny")
+                      and not k.endswith("memory")):
+        cells = [f"{c} {e['best_s'] / e['arrays'] * 1e6:7.0f} us ({e['best_s']:.2f} s)"
+                 for c, e in sorted(summary[key].items()) if e.get("arrays")]
+        print(f"  {key:30s} " + "; ".join(cells))
     print("\nAsync save: seconds the call blocks / synchronous save seconds (lower is better)")
     for key in sorted(k for k in summary if k.endswith("|async")):
         sync = summary[key.replace("|async", "|save")]
@@ -195,6 +218,8 @@ def main() -> None:
     p.add_argument("--json", help="also write the summary and raw records here")
     p.add_argument("--rounds", type=int, default=3, help="repeats of every phase (>= 3)")
     p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--workloads", default="large,large4g,small,many,tiny",
+                   help="which workloads to run (many/tiny: 10,000 / 50,000 small arrays)")
     p.add_argument("--dir", default=os.path.join(ROOT, "bench-results", "scratch"),
                    help="scratch directory; keep it on the disk under test, not tmpfs")
     p.add_argument("--orbax-small-timeout", type=int, default=240,

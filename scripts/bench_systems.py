@@ -20,12 +20,18 @@ def workload_shapes(workload: str, total_bytes: int, n_arrays: int) -> list[tupl
 
     Large arrays have both dimensions divisible by 8 so every mesh used here (4x2, 2x4,
     up to 4 processes) divides them; small ones are 1 KiB .. 256 KiB, log-uniform, scaled
-    to the total.
+    to the total. ``many``: 1-D arrays of 1 KiB .. 16 KiB, log-uniform (``total_bytes``
+    is ignored); ``tiny``: ``n_arrays`` equal 1-D arrays of ``total_bytes / n_arrays``.
     """
     if workload.startswith("large"):  # large, large4g
         side = int((total_bytes / n_arrays / 4) ** 0.5) // 64 * 64
         return [(side, side)] * n_arrays
     rng = np.random.default_rng(1)
+    if workload == "many":
+        sizes = np.exp(rng.uniform(np.log(1024), np.log(16 * 1024), n_arrays))
+        return [(int(s) // 4,) for s in sizes]
+    if workload == "tiny":
+        return [(max(1, total_bytes // n_arrays // 4),)] * n_arrays
     sizes = np.exp(rng.uniform(np.log(1024), np.log(256 * 1024), n_arrays))
     sizes = np.clip(sizes * total_bytes / sizes.sum(), 1024, 256 * 1024)
     return [(int(s) // 256 * 64,) for s in sizes]
@@ -64,6 +70,8 @@ class _Jax:
         }
         spec = PartitionSpec("x", "y") if workload != "small" else PartitionSpec()
         sharding = NamedSharding(self.meshes["4x2"], spec)
+        if workload in ("many", "tiny"):  # one device each, as DCP's plain tensors
+            sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         state = {}
         for i, shape in enumerate(shapes):
             state[f"a{i:04d}"] = jax.make_array_from_callback(
@@ -76,6 +84,9 @@ class _Jax:
         import jax
         from jax.sharding import NamedSharding, PartitionSpec
 
+        if self.workload in ("many", "tiny"):
+            return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+                    for k, v in self.state.items()}
         if layout == "replicated" or self.workload == "small":
             spec, mesh = PartitionSpec(), self.meshes["4x2"]
         else:
@@ -111,6 +122,18 @@ class Dcheckpoint(_Jax):
         out = dcheckpoint.restore_pytree(path, self.targets(layout))
         self.block(out)
         return out
+
+    def verify(self, path):
+        from dcheckpoint._verify import verify
+
+        report = verify(path)
+        if not report.ok:
+            raise AssertionError(f"verify found problems: {report.problems[:3]}")
+
+    def delete(self, path):
+        from dcheckpoint._state_file import delete_checkpoint
+
+        delete_checkpoint(path)
 
     def async_save(self, path):
         """Returns a function that waits for the background part."""
@@ -186,7 +209,7 @@ class TorchDCP:
 
         self.workload, state = workload, {}
         for i, shape in enumerate(shapes):
-            if workload == "small":  # replicated plain tensors, as for small optimizer state
+            if workload in ("small", "many", "tiny"):  # plain tensors, as small optimizer state
                 state[f"a{i:04d}"] = self.torch.from_numpy(
                     shard_data(i, (slice(None),) * len(shape), shape))
                 continue
@@ -203,7 +226,7 @@ class TorchDCP:
 
         out = {}
         for k, v in self.state.items():
-            if self.workload == "small":
+            if self.workload in ("small", "many", "tiny"):
                 out[k] = self.torch.empty_like(v)
                 continue
             placement = {"4x2": Shard(0), "2x4": Shard(1), "replicated": Replicate()}[layout]
@@ -226,6 +249,9 @@ class TorchDCP:
         target = self.targets(layout)
         dcp.load(target, checkpoint_id=path)
         return target
+
+    def delete(self, path):
+        _remove(path)
 
     def async_save(self, path):
         import torch.distributed.checkpoint as dcp

@@ -4,7 +4,9 @@ Started by ``scripts/bench.py`` (alone, or under ``python -m launch -n P``), nev
 hand. Rank 0 appends one JSON object per phase to ``--out``.
 
 Phases: ``save``; ``restore:<4x2|2x4|replicated>`` (page cache dropped first);
-``async`` (how long the call blocks, then the full time). ``--memory`` resets the
+``async`` (how long the call blocks, then the full time); ``verify`` (page cache
+dropped first) and ``delete`` of the checkpoint the save wrote, for systems that have
+them. ``--memory`` resets the
 peak-RSS counter before each phase and reports the peak above the resident set that
 the process had once the data existed.
 """
@@ -66,7 +68,7 @@ def _timed(barrier, fn):
 def run_phase(system, phase, path, barrier, rank, size, memory):
     """Runs one phase; returns its record (seconds, bytes, optional peak RSS)."""
     record = {"phase": phase}
-    if phase.startswith("restore") and rank == 0:
+    if phase.startswith(("restore", "verify")) and rank == 0:
         record["cache_dropped"] = drop_caches()
     gc.collect()
     if memory:
@@ -84,6 +86,8 @@ def run_phase(system, phase, path, barrier, rank, size, memory):
         if memory:
             record["peak_extra_bytes"] = (_status_kib("VmHWM") - base) * 1024
         del out
+    elif phase in ("verify", "delete"):
+        record["seconds"], _ = _timed(barrier, lambda: getattr(system, phase)(path))
     elif phase == "async":
         record["blocking_seconds"], wait = _timed(barrier, lambda: system.async_save(path))
         waited, _ = _timed(barrier, wait)
@@ -96,7 +100,8 @@ def run_phase(system, phase, path, barrier, rank, size, memory):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--system", required=True)
-    p.add_argument("--workload", required=True, choices=["large", "large4g", "small"])
+    p.add_argument("--workload", required=True,
+                   choices=["large", "large4g", "small", "many", "tiny"])
     p.add_argument("--bytes", type=int, required=True)
     p.add_argument("--arrays", type=int, required=True)
     p.add_argument("--phases", required=True)
@@ -129,7 +134,8 @@ def main() -> None:
     for phase in args.phases.split(","):
         target = path + "-async" if phase == "async" else path
         rec = run_phase(system, phase, target, barrier, rank, size, args.memory)
-        rec.update(system=args.system, workload=args.workload, processes=size)
+        rec.update(system=args.system, workload=args.workload, processes=size, bytes=nbytes,
+                   arrays=len(shapes))
         records.append(rec)
     for rec in records:
         rec["bytes"] = nbytes

@@ -29,6 +29,20 @@ MAX_TO_KEEP = 2
 CHECKPOINT_NAME = "ckpt"
 
 
+# Saves pack every leaf of at most PACK_BELOW bytes per shard ("counts", "flags",
+# "save_counter"; not "weights"): every save the kills land in is packed and unpacked.
+PACK_BELOW = 64
+
+
+def _packing_options(**kwargs):
+    """CheckpointOptions that pack the small leaves here, though there are only three."""
+    from dcheckpoint import _packing
+    from dcheckpoint._options import CheckpointOptions
+
+    _packing.PACK_MIN_ARRAYS = 2
+    return CheckpointOptions(pack_below_bytes=PACK_BELOW, **kwargs)
+
+
 def expected_values(number: int) -> dict[str, np.ndarray]:
     """What checkpoint ``number`` holds, by logical name (small, three dtypes)."""
     return {
@@ -86,6 +100,7 @@ def check_directory(directory: str) -> dict:
        "mismatches": [(number, name)], "leftovers": [``*.tmp-*`` names]}.
     """
     from dcheckpoint._checkpoint import Checkpoint
+    from dcheckpoint._engine import read_metadata
     from dcheckpoint._state_file import is_committed, latest_checkpoint
     from dcheckpoint._variable import Variable
 
@@ -104,6 +119,9 @@ def check_directory(directory: str) -> dict:
             got = np.asarray(variables[name].value)
             if got.dtype != want.dtype or got.tobytes() != want.tobytes():
                 mismatches.append((number, name))
+        packed = read_metadata(os.path.join(directory, f"{CHECKPOINT_NAME}-{number}")).packed
+        if packed is None or sorted(packed.members) != ["counts", "flags", "save_counter"]:
+            mismatches.append((number, "not packed as expected"))
     return {
         "latest": None if latest is None else checkpoint_number(latest),
         "committed": committed,
@@ -147,14 +165,13 @@ def run_single(directory: str, use_async: str) -> None:
 
     from dcheckpoint._checkpoint import Checkpoint
     from dcheckpoint._manager import CheckpointManager
-    from dcheckpoint._options import CheckpointOptions
 
     variables = _variables(jax)
     manager = CheckpointManager(
         Checkpoint(**variables), directory, max_to_keep=MAX_TO_KEEP,
         checkpoint_name=CHECKPOINT_NAME,
     )
-    options = CheckpointOptions(enable_async=use_async == "1")
+    options = _packing_options(enable_async=use_async == "1")
     number = _start_number(manager)
     print(f"READY {os.getpid()}", flush=True)
     while True:
@@ -174,13 +191,12 @@ def run_mpi(directory: str, pid_directory: str, timeout_secs: str) -> None:
 
     from dcheckpoint._checkpoint import Checkpoint
     from dcheckpoint._manager import CheckpointManager
-    from dcheckpoint._options import CheckpointOptions
     from dcheckpoint.errors import CheckpointError
 
     mesh = jax.make_mesh((jax.device_count(),), ("x",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
     variables = _variables(jax, sharding)
-    options = CheckpointOptions(timeout_secs=float(timeout_secs))
+    options = _packing_options(timeout_secs=float(timeout_secs))
     rank = info.process_index
     try:
         manager = CheckpointManager(
