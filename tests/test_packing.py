@@ -285,7 +285,7 @@ def test_two_processes_each_pack_their_own_shards(saved_by_two):
     meta = dcheckpoint.read_metadata(saved_by_two)
     assert sorted({name.split("/")[-2] for name in meta.packed.arrays}) == ["p0", "p1"]
     # grid arrays are (4, 6) on 4 x 2 devices: 8 chunks, 4 written by each process.
-    writers = sorted(m.packed.split("/")[1] for m in meta.packed.members["grid0"])
+    writers = sorted(m.packed.split("/")[-2] for m in meta.packed.members["grid0"])
     assert writers == ["p0"] * 4 + ["p1"] * 4
     assert not meta.packed.holds("big") and verify(saved_by_two).ok
 
