@@ -649,12 +649,24 @@ class _Restore:
             while groups or self.in_flight:
                 while groups and admits(groups[0]):
                     self._start(groups.popleft())
-                self._land(*self.in_flight.pop(self.queue.get()))
+                self._land(*self.in_flight.pop(self._next_done()))
         except BaseException:
             for future, *_ in self.in_flight.values():
                 future.cancel()
             raise
         return self.done
+
+    def _next_done(self) -> int:
+        """The key of the next read to complete; bounded, as every storage wait is: a
+        stalled object store fails the restore once no read has completed for the
+        storage timeout, naming an array still waiting."""
+        timeout = tsio.default_timeout_secs()
+        try:
+            return self.queue.get(timeout=timeout)
+        except _queue.Empty:
+            _, (_, group, _), _ = next(iter(self.in_flight.values()))
+            raise tsio.timed_out(
+                f"reading array {group[0][1].path!r} of {self.directory}", timeout) from None
 
     def _start(self, group: list) -> None:
         """Starts the reads of one stored chunk's pieces (a group)."""

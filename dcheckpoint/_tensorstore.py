@@ -22,7 +22,7 @@ from .errors import CheckpointError, CorruptCheckpointError, StorageTimeoutError
 
 __all__ = ["zarr_spec", "open_for_write", "open_for_read", "translate_error", "group_node",
            "array_node", "write_files", "wait", "wait_all", "default_timeout_secs", "context",
-           "inner_chunk_shape", "read_chunk_shape", "writable_view"]
+           "inner_chunk_shape", "read_chunk_shape", "writable_view", "timed_out"]
 
 # A JSON object of TensorStore context resources merged over this library's own, e.g.
 # '{"s3_request_retries": {"max_retries": 8}, "s3_request_concurrency": {"limit": 64}}'.
@@ -124,7 +124,7 @@ def wait_all(futures, *, timeout_secs: float, what: str,
             results.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
         except TimeoutError:
             given_up.append(future)
-            first_error = first_error or _timed_out(what, timeout_secs)
+            first_error = first_error or timed_out(what, timeout_secs)
             continue
         except Exception as e:  # noqa: BLE001 (the first one is raised below)
             first_error = first_error or e
@@ -181,7 +181,8 @@ def settle_abandoned(prefix: str, *, timeout_secs: float) -> None:
             pass
 
 
-def _timed_out(what: str, timeout_secs: float) -> StorageTimeoutError:
+def timed_out(what: str, timeout_secs: float) -> StorageTimeoutError:
+    """The error of a storage wait given up after ``timeout_secs``; ``what`` names it."""
     return StorageTimeoutError(
         f"{what}: storage did not answer within {timeout_secs:g} s (the bound is "
         f"CheckpointOptions.timeout_secs for a save, {TIMEOUT_VARIABLE} otherwise): the "
