@@ -536,6 +536,9 @@ def _read_arrays(
             for path, (sharding, _) in plans.items()}
 
 
+_WINDOW_VARIABLE = "DCHECKPOINT_READ_WINDOW_MIB"
+
+
 def read_window() -> tuple[int, int]:
     """(bytes, reads) a restore keeps in flight at most.
 
@@ -546,9 +549,20 @@ def read_window() -> tuple[int, int]:
     decode and copy more pieces at once, and on an accelerator a 16-core host keeps
     two 256 MiB slices going, so one slice's last pieces overlap the next one's reads.
     Reads: two per core, 16 to 64, so small pieces still keep the cores and disk busy.
+    ``DCHECKPOINT_READ_WINDOW_MIB`` sets the byte bound instead (an operator's knob for a
+    host whose memory is tighter than this rule assumes).
     """
     cores = os.cpu_count() or 1
     window = min(max(256 << 20, (32 << 20) * cores), 1 << 30)
+    override = os.environ.get(_WINDOW_VARIABLE)
+    if override:
+        try:
+            window = int(override) << 20
+        except ValueError:
+            raise ValueError(f"{_WINDOW_VARIABLE} must be a whole number of MiB, got "
+                             f"{override!r}") from None
+        if window <= 0:
+            raise ValueError(f"{_WINDOW_VARIABLE} must be positive, got {override!r}")
     available = _available_memory()
     if available:
         window = min(window, max(64 << 20, available // 8))
