@@ -23,7 +23,12 @@ from dcheckpoint._leaf import leaf_target
 from dcheckpoint._log import log_restore
 from dcheckpoint._plan import python_type
 from dcheckpoint._state_file import CheckpointState, get_checkpoint_state, write_checkpoint_state
-from dcheckpoint._status import CheckpointLoadStatus, InitializationOnlyStatus, MatchState
+from dcheckpoint._status import (
+    SAVE_COUNTER,
+    CheckpointLoadStatus,
+    InitializationOnlyStatus,
+    MatchState,
+)
 from dcheckpoint._tracking import (
     ARRAY_KINDS,
     LEAF_KINDS,
@@ -46,8 +51,6 @@ from dcheckpoint._variable import Variable
 from dcheckpoint.errors import CheckpointError, CheckpointMismatchError, CorruptCheckpointError
 
 __all__ = ["Checkpoint"]
-
-_SAVE_COUNTER = "save_counter"
 
 
 class _Restorer:
@@ -254,7 +257,7 @@ class _Restorer:
             return  # a dry run changes nothing
         present = {escape(name) for name, _ in items}
         for name in node["children"]:
-            if name in present or name == _SAVE_COUNTER and not ckpt_path:
+            if name in present or name == SAVE_COUNTER and not ckpt_path:
                 continue
             attach = functools.partial(
                 self.fork().attach,
@@ -304,9 +307,9 @@ def _root_children(root) -> dict[str, object]:
             f"into it), got {type(root).__name__}"
         )
     found = dict(children(root, kind))
-    if _SAVE_COUNTER in found:
+    if SAVE_COUNTER in found:
         raise ValueError(
-            f"Checkpoint root has a child named {_SAVE_COUNTER!r}, which is reserved for "
+            f"Checkpoint root has a child named {SAVE_COUNTER!r}, which is reserved for "
             "Checkpoint's own counter"
         )
     return found
@@ -346,7 +349,7 @@ class Checkpoint(AutoTrackable):
         object.__setattr__(self, "_dc_saver", Saver())
         root_children = _root_children(root)
         for key, value in sorted(kwargs.items()):
-            if key == _SAVE_COUNTER:
+            if key == SAVE_COUNTER:
                 raise ValueError("'save_counter' is reserved for Checkpoint's own counter")
             if key.startswith("_dc_"):
                 raise ValueError(
@@ -380,7 +383,7 @@ class Checkpoint(AutoTrackable):
             own = children(self._dc_root, classify(self._dc_root))
             top = [(n, v) for n, v in own if n not in names] + top
         if self._dc_counter is not None:
-            top.append((_SAVE_COUNTER, self._dc_counter))
+            top.append((SAVE_COUNTER, self._dc_counter))
         return top
 
     def _dc_host_target(self):
@@ -426,9 +429,9 @@ class Checkpoint(AutoTrackable):
         """
         user_metadata = check_user_metadata(metadata)
         arrays, graph = flatten(self._dc_top())
-        if _SAVE_COUNTER in arrays:
+        if SAVE_COUNTER in arrays:
             # A host value: written once by the coordinator, whatever device holds it.
-            arrays[_SAVE_COUNTER] = np.asarray(arrays[_SAVE_COUNTER])
+            arrays[SAVE_COUNTER] = np.asarray(arrays[SAVE_COUNTER])
         return self._dc_saver.save(
             file_prefix, arrays, object_graph=graph, options=options, on_commit=on_commit,
             user_metadata=user_metadata,
