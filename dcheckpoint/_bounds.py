@@ -29,7 +29,7 @@ from ._metadata import METADATA_FILE, ArrayMetadata
 from ._storage import LocalStorage
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
-__all__ = ["memory_limit", "chunk_total", "grid_shape", "check_restore", "LIST_ABOVE_CHUNKS"]
+__all__ = ["memory_limit", "chunk_total", "check_restore", "LIST_ABOVE_CHUNKS"]
 
 LIST_ABOVE_CHUNKS = 4096
 
@@ -42,14 +42,9 @@ def memory_limit() -> int:
         return 1 << 40
 
 
-def grid_shape(meta: ArrayMetadata) -> list[int]:
-    """Chunks along each dimension."""
-    return [-(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True)]
-
-
 def chunk_total(meta: ArrayMetadata) -> int:
     """How many chunk files a committed array has (a big int is fine: nothing is built)."""
-    return 0 if 0 in meta.shape else math.prod(grid_shape(meta))
+    return 0 if 0 in meta.shape else math.prod(meta.chunk_grid)
 
 
 def chunk_nbytes(meta: ArrayMetadata) -> int:

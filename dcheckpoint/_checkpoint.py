@@ -23,7 +23,12 @@ from dcheckpoint._leaf import leaf_target
 from dcheckpoint._log import log_restore
 from dcheckpoint._plan import python_type
 from dcheckpoint._state_file import CheckpointState, get_checkpoint_state, write_checkpoint_state
-from dcheckpoint._status import CheckpointLoadStatus, InitializationOnlyStatus, MatchState
+from dcheckpoint._status import (
+    SAVE_COUNTER,
+    CheckpointLoadStatus,
+    InitializationOnlyStatus,
+    MatchState,
+)
 from dcheckpoint._tracking import (
     ARRAY_KINDS,
     LEAF_KINDS,
@@ -47,11 +52,15 @@ from dcheckpoint.errors import CheckpointError, CheckpointMismatchError, Corrupt
 
 __all__ = ["Checkpoint"]
 
-_SAVE_COUNTER = "save_counter"
-
 
 class _Restorer:
-    """Matches the current objects against one checkpoint's graph, path by path.
+    """One checkpoint's graph, matched against the current objects by two walks.
+
+    ``batched`` runs a walk twice: a ``_ReadPlanner`` walk assigns nothing and records
+    the engine target of every leaf it meets, so that one ``restore_arrays`` call reads
+    them all concurrently instead of one leaf at a time; a ``_Walker`` walk then assigns
+    those arrays. Both walks share ``_Walk``'s matching, so the planner also raises any
+    mismatch before anything is assigned.
 
     Args:
       directory: the checkpoint directory (values are read lazily from it).
@@ -59,67 +68,77 @@ class _Restorer:
       state: the ``MatchState`` the load status reports from.
       host_target: the engine target of values with no sharding of their own (numpy
         leaves); ``None`` means "host numpy".
-      collect: if a dict, a dry run: leaves are not assigned, only their engine targets
-        recorded here ``{ckpt path: target}``, so that one ``restore_arrays`` call can
-        read them all concurrently instead of one leaf at a time (see ``batched``).
-      prefetched: ``{ckpt path: array}`` read by that one call; a leaf missing from it
-        (a second object restored from the same path) is read on its own.
 
-    A restorer with neither is a *source*: it only forks walkers (``batched``). Deferred
-    restores hold a source, never a walker, so that a walker's memo (which pins the
-    values it replaced, device arrays included) dies with its walk.
+    Deferred restores hold this object, never a walk, so that a walk's memo (which pins
+    the values it replaced, device arrays included) dies with the walk.
     """
 
-    def __init__(
-        self,
-        directory,
-        metadata,
-        state: MatchState,
-        host_target,
-        *,
-        collect: dict | None = None,
-        prefetched: dict | None = None,
-    ):
-        self._directory, self._metadata, self._state = directory, metadata, state
-        self._nodes, self._aliases = check_graph(metadata.object_graph, source=str(directory))
-        self._host_target = host_target
-        self._collect, self._prefetched = collect, prefetched or {}
-        self._memo: dict[int, object] = {}
-        self._keep: list[object] = []  # keeps memo ids from being reused mid-walk
-
-    def fork(self, **mode) -> _Restorer:
-        """A restorer on the same checkpoint with a fresh memo; ``mode``: as for __init__."""
-        return _Restorer(self._directory, self._metadata, self._state, self._host_target, **mode)
+    def __init__(self, directory, metadata, state: MatchState, host_target):
+        self.directory, self.metadata, self.state = directory, metadata, state
+        self.nodes, self.aliases = check_graph(metadata.object_graph, source=str(directory))
+        self.host_target = host_target
 
     def batched(self, walk):
-        """Runs ``walk(walker)`` as a dry run, reads every leaf it wants in one engine
-        call, then runs it for real with those arrays; returns the real run's result.
-
-        The dry run also raises any mismatch before anything is assigned.
-        """
+        """Runs ``walk(planner)``, reads every leaf it wants in one engine call, then
+        runs ``walk(walker)`` with those arrays; returns the walker's result."""
         wanted: dict = {}
-        walk(self.fork(collect=wanted))
-        prefetched = _engine.restore_arrays(self._directory, wanted, metadata=self._metadata)
-        return walk(self.fork(prefetched=prefetched))
+        walk(_ReadPlanner(self, wanted))
+        prefetched = _engine.restore_arrays(self.directory, wanted, metadata=self.metadata)
+        return walk(_Walker(self, prefetched))
+
+    def read(self, ckpt_path: str, target):
+        """One leaf, read on its own."""
+        return _engine.restore_arrays(
+            self.directory, {ckpt_path: target}, metadata=self.metadata
+        )[ckpt_path]
 
     def graph_values(self) -> frozenset[str]:
         """Paths of the values stored in the graph itself (strings, None, process states)."""
-        return frozenset(p for p, n in self._nodes.items()
+        return frozenset(p for p, n in self.nodes.items()
                          if n["kind"] in ("value", "process_state"))
 
     def node(self, ckpt_path: str) -> dict | None:
         """The checkpoint's node at ``ckpt_path``, following aliases; ``None`` if absent."""
-        return self._nodes.get(self._aliases.get(ckpt_path, ckpt_path))
+        return self.nodes.get(self.aliases.get(ckpt_path, ckpt_path))
+
+    def defer_missing(self, owner: AutoTrackable, items, node, ckpt_path, cur_path) -> None:
+        """Parks the checkpoint children of ``node`` that ``owner`` lacks, on ``owner``."""
+        present = {escape(name) for name, _ in items}
+        for name in node["children"]:
+            if name in present or name == SAVE_COUNTER and not ckpt_path:
+                continue
+            attach = functools.partial(
+                self.attach, ckpt_path=join(ckpt_path, name), cur_path=join(cur_path, name)
+            )
+            owner._dc_defer(_paths.unescape(name), attach)
+
+    def attach(self, value, *, ckpt_path: str, cur_path: str):
+        """Restores a value attached after the restore (deferred), its leaves batched."""
+        return self.batched(lambda walker: walker.restore(value, ckpt_path, cur_path))
+
+
+class _Walk:
+    """One walk of the current objects against the graph, path by path, with a memo.
+
+    Subclasses say what a matched leaf does (``_array``, ``_value``,
+    ``_process_state``) and whether missing children are deferred (``_defer``).
+    """
+
+    def __init__(self, source: _Restorer):
+        self._source = source
+        self._state = source.state
+        self._memo: dict[int, object] = {}
+        self._keep: list[object] = []  # keeps memo ids from being reused mid-walk
 
     def restore(self, value, ckpt_path: str, cur_path: str):
         """Restores ``value`` from ``ckpt_path``; returns what its parent should now hold."""
-        ckpt_path = self._aliases.get(ckpt_path, ckpt_path)
+        ckpt_path = self._source.aliases.get(ckpt_path, ckpt_path)
         kind = classify(value)
         if kind is None or kind == "empty":
             return value
         if has_identity(value) and id(value) in self._memo:
             return self._memo[id(value)]
-        node = self._nodes.get(ckpt_path)
+        node = self._source.nodes.get(ckpt_path)
         if node is None:
             self._state.unmatched_objects.update(leaf_paths(value, cur_path))
             return value
@@ -144,44 +163,23 @@ class _Restorer:
                     f"{cur_path!r}: expected an array in the checkpoint at {ckpt_path!r}, "
                     f"found the value {node['value']!r}"
                 )
-            if self._collect is None:
-                self._state.consumed.add(ckpt_path)
-            return node["value"]
+            return self._value(ckpt_path, node)
         if node["kind"] not in ARRAY_KINDS:
             raise CheckpointMismatchError(
                 f"{cur_path!r}: expected an array in the checkpoint at {ckpt_path!r}, "
                 f"found a {node['kind']} node"
             )
-        meta = self._metadata.arrays.get(ckpt_path)
+        meta = self._source.metadata.arrays.get(ckpt_path)
         if meta is None:
             raise CorruptCheckpointError(
-                f"{self._directory}: {ckpt_path!r} is in the object graph but no array "
-                f"is stored for it"
+                f"{self._source.directory}: {ckpt_path!r} is in the object graph but no "
+                f"array is stored for it"
             )
         inner = get_inner(value) if kind == "variable" else value
         target, convert, check_early = leaf_target(
-            inner, meta, ckpt_path, cur_path, self._host_target
+            inner, meta, ckpt_path, cur_path, self._source.host_target
         )
-        if self._collect is not None:
-            if check_early:
-                # A saved scalar cast into an array: check the cast now, so that a
-                # refusal comes before anything is assigned (one tiny read).
-                convert(self._read(ckpt_path, None))
-            # setdefault: a second object restored from the same path (a shared object
-            # that is no longer shared) must not take the first one's target.
-            self._collect.setdefault(ckpt_path, target)
-            return value
-        array = self._prefetched.pop(ckpt_path, None)  # pop: no reference kept alive
-        if array is None:
-            array = self._read(ckpt_path, target)
-        self._state.consumed.add(ckpt_path)
-        array = convert(array)
-        return set_inner(value, array) if kind == "variable" else array
-
-    def _read(self, ckpt_path: str, target):
-        return _engine.restore_arrays(
-            self._directory, {ckpt_path: target}, metadata=self._metadata
-        )[ckpt_path]
+        return self._array(value, kind, ckpt_path, target, convert, check_early)
 
     def _restore_process_state(self, value, kind, node, ckpt_path, cur_path):
         """Gives this process its own saved ``get_state()`` through ``set_state``."""
@@ -198,10 +196,7 @@ class _Restorer:
                 f"with a Checkpoint that does not hold this object (its iterator then "
                 f"starts afresh) and call expect_partial() on the status"
             )
-        state = decode_state(ckpt_path, states[jax.process_index()])
-        if self._collect is None:
-            value.set_state(state)
-            self._state.consumed.add(ckpt_path)
+        self._process_state(value, ckpt_path, decode_state(ckpt_path, states[jax.process_index()]))
         return value
 
     def _restore_container(self, value, kind, node, ckpt_path, cur_path):
@@ -232,7 +227,7 @@ class _Restorer:
             else:
                 value[i] = new
         if kind == "trackable":
-            self.defer_missing(value, items, node, ckpt_path, cur_path)
+            self._defer(value, items, node, ckpt_path, cur_path)
         return value
 
     def restore_children(self, items, node, ckpt_path, cur_path) -> list:
@@ -248,24 +243,61 @@ class _Restorer:
                 out.append(child)
         return out
 
-    def defer_missing(self, owner: AutoTrackable, items, node, ckpt_path, cur_path) -> None:
-        """Parks the checkpoint children of ``node`` that ``owner`` lacks, on ``owner``."""
-        if self._collect is not None:
-            return  # a dry run changes nothing
-        present = {escape(name) for name, _ in items}
-        for name in node["children"]:
-            if name in present or name == _SAVE_COUNTER and not ckpt_path:
-                continue
-            attach = functools.partial(
-                self.fork().attach,
-                ckpt_path=join(ckpt_path, name),
-                cur_path=join(cur_path, name),
-            )
-            owner._dc_defer(_paths.unescape(name), attach)
 
-    def attach(self, value, *, ckpt_path: str, cur_path: str):
-        """Restores a value attached after the restore (deferred), its leaves batched."""
-        return self.batched(lambda walker: walker.restore(value, ckpt_path, cur_path))
+class _ReadPlanner(_Walk):
+    """A walk that assigns nothing: it records ``{ckpt path: engine target}`` in
+    ``wanted`` for the one batched read, and raises any mismatch first."""
+
+    def __init__(self, source: _Restorer, wanted: dict):
+        super().__init__(source)
+        self._wanted = wanted
+
+    def _array(self, value, kind, ckpt_path, target, convert, check_early):
+        if check_early:
+            # A saved scalar cast into an array: check the cast now, so that a refusal
+            # comes before anything is assigned (one tiny read).
+            convert(self._source.read(ckpt_path, None))
+        # setdefault: a second object restored from the same path (a shared object that
+        # is no longer shared) must not take the first one's target.
+        self._wanted.setdefault(ckpt_path, target)
+        return value
+
+    def _value(self, ckpt_path, node):
+        return node["value"]
+
+    def _process_state(self, value, ckpt_path, state) -> None:
+        pass
+
+    def _defer(self, owner, items, node, ckpt_path, cur_path) -> None:
+        pass
+
+
+class _Walker(_Walk):
+    """A walk that assigns: leaves from ``prefetched`` (the planner's batched read); a
+    leaf missing from it (a second object restored from the same path) is read alone."""
+
+    def __init__(self, source: _Restorer, prefetched: dict):
+        super().__init__(source)
+        self._prefetched = prefetched
+
+    def _array(self, value, kind, ckpt_path, target, convert, check_early):
+        array = self._prefetched.pop(ckpt_path, None)  # pop: no reference kept alive
+        if array is None:
+            array = self._source.read(ckpt_path, target)
+        self._state.consumed.add(ckpt_path)
+        array = convert(array)
+        return set_inner(value, array) if kind == "variable" else array
+
+    def _value(self, ckpt_path, node):
+        self._state.consumed.add(ckpt_path)
+        return node["value"]
+
+    def _process_state(self, value, ckpt_path, state) -> None:
+        value.set_state(state)
+        self._state.consumed.add(ckpt_path)
+
+    def _defer(self, owner, items, node, ckpt_path, cur_path) -> None:
+        self._source.defer_missing(owner, items, node, ckpt_path, cur_path)
 
 
 def _record_latest(save_path: str) -> None:
@@ -304,9 +336,9 @@ def _root_children(root) -> dict[str, object]:
             f"into it), got {type(root).__name__}"
         )
     found = dict(children(root, kind))
-    if _SAVE_COUNTER in found:
+    if SAVE_COUNTER in found:
         raise ValueError(
-            f"Checkpoint root has a child named {_SAVE_COUNTER!r}, which is reserved for "
+            f"Checkpoint root has a child named {SAVE_COUNTER!r}, which is reserved for "
             "Checkpoint's own counter"
         )
     return found
@@ -346,7 +378,7 @@ class Checkpoint(AutoTrackable):
         object.__setattr__(self, "_dc_saver", Saver())
         root_children = _root_children(root)
         for key, value in sorted(kwargs.items()):
-            if key == _SAVE_COUNTER:
+            if key == SAVE_COUNTER:
                 raise ValueError("'save_counter' is reserved for Checkpoint's own counter")
             if key.startswith("_dc_"):
                 raise ValueError(
@@ -380,7 +412,7 @@ class Checkpoint(AutoTrackable):
             own = children(self._dc_root, classify(self._dc_root))
             top = [(n, v) for n, v in own if n not in names] + top
         if self._dc_counter is not None:
-            top.append((_SAVE_COUNTER, self._dc_counter))
+            top.append((SAVE_COUNTER, self._dc_counter))
         return top
 
     def _dc_host_target(self):
@@ -426,9 +458,9 @@ class Checkpoint(AutoTrackable):
         """
         user_metadata = check_user_metadata(metadata)
         arrays, graph = flatten(self._dc_top())
-        if _SAVE_COUNTER in arrays:
+        if SAVE_COUNTER in arrays:
             # A host value: written once by the coordinator, whatever device holds it.
-            arrays[_SAVE_COUNTER] = np.asarray(arrays[_SAVE_COUNTER])
+            arrays[SAVE_COUNTER] = np.asarray(arrays[SAVE_COUNTER])
         return self._dc_saver.save(
             file_prefix, arrays, object_graph=graph, options=options, on_commit=on_commit,
             user_metadata=user_metadata,

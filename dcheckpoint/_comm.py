@@ -455,15 +455,15 @@ class JaxDistributedCommunicator(Communicator):
     _ABORT_POLL_SECS = 0.25
 
     def __init__(self):
-        from jax._src import distributed
+        from launch._bootstrap import jax_distributed_state  # why it is private: there
 
-        state = distributed.global_state
-        self._client = state.client
-        if self._client is None:
+        state = jax_distributed_state()
+        if state is None:
             raise RuntimeError(
                 "JaxDistributedCommunicator needs jax.distributed to be initialised; call "
                 "launch.initialize() or jax.distributed.initialize() first"
             )
+        self._client = state.client
         super().__init__(state.process_id, state.num_processes)
         self._namespace = f"dcheckpoint/comm/{next(self._instance_numbers)}"
         self._stale_keys: list[str] = []
@@ -689,10 +689,10 @@ def default_communicator() -> Communicator:
 def _make_default() -> Communicator:
     # From jax.distributed's state, not jax.process_count(): that starts JAX's backend,
     # itself a collective wait on every process's devices.
-    from jax._src import distributed
+    from launch._bootstrap import jax_distributed_state
 
-    state = distributed.global_state
-    if state.client is None or state.num_processes == 1:
+    state = jax_distributed_state()
+    if state is None or state.num_processes == 1:
         return LocalCommunicator()
     from launch import private_mpi_comm
 

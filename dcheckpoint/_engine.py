@@ -64,7 +64,7 @@ from ._metadata import (
 )
 from ._options import CheckpointOptions
 from ._plan import SavePlan, finish_read, plan_read, plan_save, record_process_values
-from ._state_file import STATE_FILENAME, latest_checkpoint
+from ._state_file import STATE_FILENAME, is_committed, latest_checkpoint
 from ._storage import fsync_tree, open_storage
 from .errors import (
     CheckpointError,
@@ -336,8 +336,7 @@ def _check_manifests(plan: SavePlan, reports: list[dict]) -> None:
     if failures:
         raise CheckpointError("; ".join(failures))
     for path, meta in plan.arrays.items():
-        grid = [-(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True)]
-        expected = math.prod(grid)  # 1 for a scalar, 0 for a zero-size array
+        expected = math.prod(meta.chunk_grid)  # 1 for a scalar, 0 for a zero-size array
         seen: dict[tuple, int] = {}
         for r in reports:
             for chunk in r["chunks"].get(path, []):
@@ -392,11 +391,6 @@ def _commit(target, staged, plan: SavePlan, object_graph, compression, comm,
     target.publish(staged)
     for name in replaced:  # no rename swapped them out (object stores): remove them
         target.remove(name)
-
-
-def is_committed(directory: str) -> bool:
-    """Whether ``directory`` holds a committed checkpoint (its metadata file exists)."""
-    return open_storage(directory).exists(METADATA_FILE)
 
 
 @_gc_paused

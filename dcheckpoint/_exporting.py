@@ -30,7 +30,7 @@ from ._comm import agree, run_ordered
 from ._manager import CheckpointManager, _iterate, _wait_for_new
 from ._options import CheckpointOptions
 from ._state_file import delete_checkpoint
-from ._storage import LocalStorage
+from ._storage import LocalStorage, is_url
 from ._user_metadata import check_user_metadata
 from .errors import (
     CheckpointError,
@@ -49,10 +49,12 @@ PARAMS_DIR = "params"
 _FORMAT = "dcheckpoint.SavedModel"
 _VERSION = 1
 _MAX_MANIFEST_BYTES = 1 << 20
+# A serialized jax.export function is a flatbuffer, which cannot exceed 2 GiB.
+_MAX_FUNCTION_BYTES = 1 << 31
 
 
 def _is_committed_savedmodel(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MANIFEST_FILE))
+    return LocalStorage(path).exists(MANIFEST_FILE)
 
 
 def _delete_savedmodel(path: str) -> bool:
@@ -111,7 +113,7 @@ class ExportingCheckpointManager(CheckpointManager):
         best_fn=None,
         best_mode="max",
     ):
-        if "://" in os.fspath(directory):
+        if is_url(directory):
             raise ValueError(
                 f"ExportingCheckpointManager writes serving artifacts to a local or shared "
                 f"filesystem only; got the object store location {directory!r}"
@@ -195,7 +197,7 @@ class ExportingCheckpointManager(CheckpointManager):
                     f"{identities}); every process must make the same calls"
                 )
             _delete_savedmodel(path)  # a user-given number may repeat one
-            os.makedirs(path)
+            LocalStorage(path).make_dirs()
 
         def commit(_: list) -> None:
             LocalStorage(path).write_bytes_atomic(FUNCTION_FILE, bytes(exported.serialize()))
@@ -251,10 +253,7 @@ class ExportingCheckpointManager(CheckpointManager):
 
     def _savedmodel_dirs(self, *, committed: bool) -> list[str]:
         """Artifact directories on disk, by number (oldest first)."""
-        try:
-            names = os.listdir(self._directory)
-        except FileNotFoundError:
-            return []
+        names = LocalStorage(self._directory).list_dir()
         found = sorted(
             (int(match.group(1)), os.path.join(self._directory, name))
             for name in names
@@ -323,8 +322,7 @@ class LoadedSavedModel:
 def _read_manifest(path: str) -> dict:
     manifest_path = os.path.join(path, MANIFEST_FILE)
     try:
-        with open(manifest_path, "rb") as f:
-            data = f.read(_MAX_MANIFEST_BYTES + 1)
+        data = LocalStorage(path).read_bytes(MANIFEST_FILE, max_bytes=_MAX_MANIFEST_BYTES)
     except (FileNotFoundError, NotADirectoryError) as error:
         raise CheckpointNotFoundError(
             f"No exported artifact at {path!r}: expected a committed {MANIFEST_FILE}"
@@ -354,8 +352,7 @@ def load_savedmodel(path) -> LoadedSavedModel:
     """
     path = os.fspath(path)
     manifest = _read_manifest(path)
-    with open(os.path.join(path, FUNCTION_FILE), "rb") as f:
-        serialized = f.read()
+    serialized = LocalStorage(path).read_bytes(FUNCTION_FILE, max_bytes=_MAX_FUNCTION_BYTES)
     try:
         exported = jax.export.deserialize(bytearray(serialized))
     except Exception as error:  # flatbuffers raises assorted types on bad bytes

@@ -87,6 +87,11 @@ class ArrayMetadata:
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
 
+    @property
+    def chunk_grid(self) -> tuple[int, ...]:
+        """Chunks along each dimension (0 along a zero-size one; () for a scalar)."""
+        return tuple(-(-s // c) for s, c in zip(self.shape, self.chunk_shape, strict=True))
+
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointMetadata:

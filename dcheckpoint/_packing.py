@@ -191,7 +191,7 @@ class PackedTable:
             raise bad(f"array {clash[0]!r} is stored inside the packed root {sorted(roots)}")
         for path, members in found.items():
             meta = arrays[path]
-            grid = _grid(meta)
+            grid = list(meta.chunk_grid)
             if len({m.chunk for m in members}) != len(members) or \
                     len(members) != math.prod(grid):
                 raise bad(f"array {path!r}: {len(members)} chunks stored, expected each "
@@ -204,16 +204,12 @@ def _root_of(name: str) -> str:
     return name.rsplit("/", 2)[0]
 
 
-def _grid(meta: ArrayMetadata) -> list[int]:
-    return [-(-s // c) for s, c in zip(meta.shape, meta.chunk_shape, strict=True)]
-
-
 def _chunk_in_grid(chunk, meta: ArrayMetadata) -> bool:
     if not isinstance(chunk, list) or len(chunk) != len(meta.shape):
         return False
     if meta.chunk_shape == meta.shape:
         return all(type(i) is int and i == 0 for i in chunk)
-    return all(_is_int(i, 0) and i < g for i, g in zip(chunk, _grid(meta), strict=True))
+    return all(_is_int(i, 0) and i < g for i, g in zip(chunk, meta.chunk_grid, strict=True))
 
 
 def _chunk_elements(meta: ArrayMetadata, chunk: tuple[int, ...]) -> int:
@@ -336,7 +332,7 @@ def table_from_reports(plan, reports: list[dict]) -> PackedTable | None:
         if meta.chunk_shape == meta.shape:  # one chunk (the usual): one place
             expected, ok = 1, len(found) == 1
         else:
-            expected = math.prod(_grid(meta))
+            expected = math.prod(meta.chunk_grid)
             ok = len(found) == expected == len({m.chunk for m in found})
         if not ok:
             raise CheckpointError(

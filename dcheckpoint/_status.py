@@ -15,7 +15,8 @@ from dcheckpoint.errors import CheckpointError
 
 __all__ = ["CheckpointAssertionError", "CheckpointLoadStatus", "InitializationOnlyStatus"]
 
-_SAVE_COUNTER = "save_counter"
+SAVE_COUNTER = "save_counter"
+"""The root child a Checkpoint saves its save counter under (reserved, never a user name)."""
 
 
 class CheckpointAssertionError(CheckpointError, AssertionError):
@@ -104,7 +105,7 @@ class CheckpointLoadStatus:
         Raises:
           CheckpointAssertionError: nothing but (at most) the save counter matched.
         """
-        if not (self._state.consumed - {_SAVE_COUNTER}):
+        if not (self._state.consumed - {SAVE_COUNTER}):
             raise CheckpointAssertionError(
                 f"Nothing except the save counter was restored from checkpoint "
                 f"{self._state.save_path!r}; checkpoint values: "

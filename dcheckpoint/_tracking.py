@@ -3,7 +3,7 @@
 Saving walks the user's objects from the checkpoint's top-level children and turns them
 into ``{path: array}`` plus a JSON description of the graph (node kinds, child names,
 aliases). Restoring walks the *current* objects the same way and matches them by path
-(``restore_tree``): ``Variable``s are assigned in place, dicts and lists are updated in
+(``_checkpoint._Restorer``): ``Variable``s are assigned in place, dicts and lists are updated in
 place, immutable pytrees (NamedTuples, dataclasses, tuples, plain arrays) are rebuilt and
 re-assigned on their parent. Values whose object does not exist yet are parked on the
 parent ``AutoTrackable`` and restored when it is attached (deferred restoration).
@@ -190,7 +190,8 @@ def decode_state(path: str, entry) -> object:
 
 
 def escape(name) -> str:
-    """One path component for the key ``name``: the naming rule of ``_paths.escape``."""
+    """One path component for the key ``name``: ``str(name)`` with "%" and "/"
+    percent-escaped, the empty name spelled "%00" (``_paths.escape``)."""
     return _paths.escape(name)
 
 

@@ -21,7 +21,7 @@ import stat
 
 from . import _packing
 from . import _tensorstore as tsio
-from ._bounds import chunk_nbytes, chunk_total, grid_shape, memory_limit
+from ._bounds import chunk_nbytes, chunk_total, memory_limit
 from ._engine import read_metadata
 from ._gc import paused as _gc_paused
 from ._metadata import ArrayMetadata, CheckpointMetadata
@@ -148,7 +148,6 @@ def chunk_count(metadata: CheckpointMetadata) -> int:
     return sum(_chunk_total(a) for a in metadata.arrays.values())
 
 
-_grid_shape = grid_shape
 _chunk_total = chunk_total
 
 
@@ -249,7 +248,7 @@ class _ArrayChecker:
         missing chunks are named (at most that many steps past the files present).
         """
         base = self.meta.storage_path
-        grid = _grid_shape(self.meta)
+        grid = list(self.meta.chunk_grid)
         total = _chunk_total(self.meta)
         found = {}
         # A rank-0 array's single chunk is the file "c" itself, so list the array.

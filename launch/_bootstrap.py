@@ -22,6 +22,8 @@ import dataclasses
 import os
 import socket
 
+from launch._devices import backends_started
+
 __all__ = ["LaunchInfo", "initialize", "is_mpi_launched", "private_mpi_comm",
            "COORDINATOR_HOST_ENV"]
 
@@ -83,10 +85,8 @@ def initialize(timeout_secs: int = 300) -> LaunchInfo:
         RuntimeError: JAX's backend already started as a single process while MPI
             reports several ranks, so this process can no longer join the job.
     """
-    from jax._src import distributed
-
-    if distributed.global_state.client is not None:
-        state = distributed.global_state
+    state = jax_distributed_state()
+    if state is not None:
         return LaunchInfo(state.process_id, state.num_processes)
     if not is_mpi_launched():
         return LaunchInfo(0, 1)
@@ -112,10 +112,27 @@ def initialize(timeout_secs: int = 300) -> LaunchInfo:
     return LaunchInfo(rank, size)
 
 
-def _refuse_if_backend_started(rank: int, size: int) -> None:
-    from jax._src import xla_bridge
+def jax_distributed_state():
+    """``jax.distributed``'s state (``process_id``, ``num_processes``, ``client``: its
+    key-value store), or None when it is not initialised.
 
-    if xla_bridge.backends_are_initialized():
+    Read from JAX's private ``jax._src.distributed.global_state``, as JAX's own
+    ``multihost_utils`` does: ``jax.distributed.is_initialized()`` is public but says
+    nothing more, ``jax.process_index()``/``jax.process_count()`` start the backend (a
+    collective wait on every process's devices, which callers here must not start), and
+    the key-value client has no public accessor at all.
+    """
+    import jax
+
+    if not jax.distributed.is_initialized():
+        return None
+    from jax._src import distributed
+
+    return distributed.global_state
+
+
+def _refuse_if_backend_started(rank: int, size: int) -> None:
+    if backends_started():
         raise RuntimeError(
             f"launch.initialize() on MPI rank {rank} of {size} was called after JAX "
             "initialised its backend, so this process can no longer join a multi-process "

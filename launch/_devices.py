@@ -64,21 +64,35 @@ def emulate_cpu_devices(n: int) -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def _running_cpu_device_count() -> int | None:
-    """Returns the CPU backend's local device count, or None if no backend is up yet.
+def backends_started() -> bool:
+    """Whether JAX has created its backends (after which XLA flags no longer apply).
 
-    Asks ``xla_bridge`` instead of ``jax.devices()`` because the latter would start the
-    backend and make the answer always "too late".
+    JAX has no public way to ask this: every public call that names a backend or a
+    device (``jax.devices()``, ``jax.process_count()``, ``jax.extend.backend.backends()``)
+    creates the backends first, so it would always answer "yes". This reads
+    ``jax._src.xla_bridge``'s own check, the one place this package touches JAX's
+    private modules for it.
     """
     import sys
 
     if "jax" not in sys.modules:
-        return None
+        return False
     from jax._src import xla_bridge
 
-    if not xla_bridge.backends_are_initialized():
+    return xla_bridge.backends_are_initialized()
+
+
+def _running_cpu_device_count() -> int | None:
+    """Returns the CPU backend's local device count, or None if no backend is up yet.
+
+    Asks ``backends_started`` first because ``jax.devices()`` would start the backend
+    and make the answer always "too late".
+    """
+    if not backends_started():
         return None
+    import jax.extend.backend
+
     try:
-        return xla_bridge.get_backend("cpu").local_device_count()
+        return jax.extend.backend.get_backend("cpu").local_device_count()
     except RuntimeError:
         return 0  # backends are up without a CPU one: the flag cannot apply either

@@ -1,13 +1,11 @@
-"""Pure index math: which slice of a global array each mesh position holds.
+"""Layout checks: sharding specs against a mesh's axes, and each device's block shape.
 
-Nothing here touches a device. Every function takes the global shape, one sharding
-spec per array dimension and the mesh's axes (names and sizes, in mesh order), so the
-plans of every process of a job can be computed, and tested, in one process.
-
-Mesh positions are numbered row-major over the mesh axes, exactly as
-``jax.sharding.Mesh.devices.flat`` orders devices; JAX numbers devices, shards and
-replicas in that order too, so results here line up with
-``jax.Array.addressable_shards`` (``index``, ``replica_id``) position by position.
+Which slice each device holds is not computed here: ``Layout`` asks JAX
+(``NamedSharding.devices_indices_map``), as the checkpoint engine's plans do
+(``addressable_shards``, ``addressable_devices_indices_map``), so there is one source
+of truth for shard ownership, JAX's. What this module adds is validation with clear
+errors and the replica numbering rule (``replica_ids_of``) applied to JAX's indices.
+Nothing here touches a device.
 
 A spec entry is a mesh axis name (the dimension is split over that axis), a tuple of
 names (split over the product of their sizes, the first name major, as in
@@ -21,7 +19,6 @@ with the dimension named, is the earlier and clearer error.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -32,9 +29,7 @@ __all__ = [
     "normalize_specs",
     "normalize_mesh_axes",
     "shard_shape",
-    "device_slices",
-    "replica_ids",
-    "process_slices",
+    "replica_ids_of",
 ]
 
 UNSHARDED = "unsharded"
@@ -165,96 +160,17 @@ def shard_shape(
     return tuple(size // parts for size, parts in zip(shape, splits, strict=True))
 
 
-def device_slices(
-    global_shape: Sequence[int], specs: Sequence[object], mesh_axes: MeshAxes
-) -> list[Slices]:
-    """The slice of the global array held at each mesh position, row-major.
+def replica_ids_of(slices: Sequence[Slices]) -> list[int]:
+    """Replica ids of the copies at each position: identical slices numbered 0, 1, ...
 
-    Returns:
-        One tuple per mesh position, one ``slice(start, stop)`` per dimension, with
-        explicit ``start`` and ``stop`` (never ``None``) so slices compare by value.
-
-    Raises:
-        ValueError: bad specs, rank mismatch, or an uneven sharded dimension.
+    The rule JAX's ``device_replica_id_map`` applies (walk devices in mesh order, give
+    each the count of earlier devices holding an identical index), so a zero-size
+    dimension, every slice empty and equal, numbers all copies 0..n-1 as JAX does.
     """
-    shape, axes, canon, splits = _plan(global_shape, specs, mesh_axes)
-    block = tuple(size // parts for size, parts in zip(shape, splits, strict=True))
-    sizes = dict(axes)
-    out: list[Slices] = []
-    for coords in itertools.product(*(range(size) for _, size in axes)):
-        where = dict(zip((name for name, _ in axes), coords, strict=True))
-        index = []
-        for dim, entry in enumerate(canon):
-            # Row-major over the entry's axes: the first name is the major one, as in
-            # PartitionSpec(("a", "b")) and JAX's tiling.
-            chunk = 0
-            for name in _entry_names(entry, dim):
-                chunk = chunk * sizes[name] + where[name]
-            index.append(slice(chunk * block[dim], (chunk + 1) * block[dim]))
-        out.append(tuple(index))
-    return out
-
-
-def replica_ids(
-    global_shape: Sequence[int], specs: Sequence[object], mesh_axes: MeshAxes
-) -> list[int]:
-    """The replica id of each mesh position's copy, numbered as JAX numbers them.
-
-    JAX (``device_replica_id_map``) walks devices in mesh order and gives each the
-    count of earlier devices holding an identical index; we do the same, so a zero-size
-    dimension (every slice empty and equal) numbers all copies 0..n-1 just as JAX does.
-
-    Raises:
-        ValueError: as for ``device_slices``.
-    """
-    return _replica_ids_of(device_slices(global_shape, specs, mesh_axes))
-
-
-def _replica_ids_of(slices: Sequence[Slices]) -> list[int]:
-    """Number identical slices 0, 1, ... in the order they appear."""
     seen: dict[tuple[tuple[int, int], ...], int] = {}
     out = []
     for index in slices:
         key = tuple((s.start, s.stop) for s in index)
         out.append(seen.get(key, 0))
         seen[key] = out[-1] + 1
-    return out
-
-
-def process_slices(
-    global_shape: Sequence[int],
-    specs: Sequence[object],
-    mesh_axes: MeshAxes,
-    device_process_index: Sequence[int],
-) -> dict[int, list[Slices]]:
-    """The slices each process must write: those its devices hold as replica 0.
-
-    Writing replica 0 only means every element of the global array is written by
-    exactly one process, however many copies the layout keeps.
-
-    Args:
-        global_shape: the global array's shape.
-        specs: one sharding spec entry per dimension.
-        mesh_axes: mesh axis names and sizes, in mesh order.
-        device_process_index: the process index of the device at each mesh position,
-            row-major (``[d.process_index for d in mesh.devices.flat]``).
-
-    Returns:
-        Every process in ``device_process_index`` -> its slices in mesh order (an empty
-        list for a process that writes nothing).
-
-    Raises:
-        ValueError: as for ``device_slices``, or ``device_process_index`` has the wrong
-            length.
-    """
-    slices = device_slices(global_shape, specs, mesh_axes)
-    if len(device_process_index) != len(slices):
-        raise ValueError(
-            f"device_process_index has {len(device_process_index)} entries but the mesh "
-            f"has {len(slices)} positions; give one process index per device"
-        )
-    out: dict[int, list[Slices]] = {int(p): [] for p in device_process_index}
-    for index, rid, proc in zip(slices, _replica_ids_of(slices), device_process_index, strict=True):
-        if rid == 0:
-            out[int(proc)].append(index)
     return out

@@ -1,8 +1,9 @@
 """``Layout``: how each dimension of an array is split over a ``Mesh``.
 
 A layout is DTensor's idea (one spec per dimension: a mesh axis or ``UNSHARDED``)
-in JAX's terms: it converts to and from ``NamedSharding``/``PartitionSpec``, and its
-index math (``mesh._index``) says which slice each device and process holds. Its JSON
+in JAX's terms: it converts to and from ``NamedSharding``/``PartitionSpec``, and says
+which slice each device and process holds by asking JAX (``devices_indices_map`` of its
+``NamedSharding``), the same source the checkpoint engine's plans use. Its JSON
 form carries axis names and sizes but no device ids, so a saved layout stays
 meaningful on another machine.
 """
@@ -122,18 +123,65 @@ class Layout:
         return _index.shard_shape(global_shape, self._specs, self._axes())
 
     def device_slices(self, global_shape: Sequence[int]) -> list[tuple[slice, ...]]:
-        """Slice held by each device of ``mesh.devices.flat``; see ``mesh.device_slices``."""
-        return _index.device_slices(global_shape, self._specs, self._axes())
+        """Slice held by each device of ``mesh.devices.flat``, as JAX places it.
+
+        Every device of the mesh, this process's or not, so any process can compute
+        every process's share.
+
+        Returns:
+            One tuple per device, one ``slice(start, stop)`` per dimension, with explicit
+            ``start`` and ``stop`` (never ``None``) so slices compare by value.
+
+        Raises:
+            ValueError: rank mismatch, or a sharded dimension its axes do not evenly
+                divide (JAX refuses such arrays at ``device_put``; this names the dim).
+        """
+        self.shard_shape(global_shape)  # refuses a rank mismatch or an uneven dim, by name
+        shape = tuple(int(d) for d in global_shape)
+        by_device = self.to_sharding().devices_indices_map(shape)
+        return [
+            tuple(slice(*s.indices(n)[:2]) for s, n in zip(by_device[d], shape, strict=True))
+            for d in self._mesh.devices.flat
+        ]
 
     def replica_ids(self, global_shape: Sequence[int]) -> list[int]:
-        """Replica id of each device's copy, as JAX numbers them."""
-        return _index.replica_ids(global_shape, self._specs, self._axes())
+        """Replica id of each device's copy, as JAX numbers them (``replica_id``)."""
+        return _index.replica_ids_of(self.device_slices(global_shape))
 
-    def process_slices(self, global_shape: Sequence[int]) -> dict[int, list[tuple[slice, ...]]]:
-        """Slices each process writes (replica 0 only), by each device's process index."""
-        return _index.process_slices(
-            global_shape, self._specs, self._axes(), self._mesh.device_process_index
-        )
+    def process_slices(
+        self, global_shape: Sequence[int], device_process_index: Sequence[int] | None = None
+    ) -> dict[int, list[tuple[slice, ...]]]:
+        """The slices each process writes: those its devices hold as replica 0.
+
+        Writing replica 0 only means every element is written by exactly one process,
+        however many copies the layout keeps (the rule of the engine's save plan).
+
+        Args:
+            global_shape: the global array's shape.
+            device_process_index: the process of the device at each mesh position,
+                row-major; default each device's own ``process_index``. Another
+                assignment plans as a job with other hosts would (tests, tools).
+
+        Returns:
+            Every process named -> its slices in mesh order ([] if it writes nothing).
+
+        Raises:
+            ValueError: as for ``device_slices``, or ``device_process_index`` does not
+                have one entry per device.
+        """
+        procs = (self._mesh.device_process_index if device_process_index is None
+                 else [int(p) for p in device_process_index])
+        if len(procs) != self._mesh.size:
+            raise ValueError(
+                f"device_process_index has {len(procs)} entries but the mesh has "
+                f"{self._mesh.size} positions; give one process index per device"
+            )
+        slices = self.device_slices(global_shape)
+        out: dict[int, list[tuple[slice, ...]]] = {p: [] for p in procs}
+        for index, rid, proc in zip(slices, _index.replica_ids_of(slices), procs, strict=True):
+            if rid == 0:
+                out[proc].append(index)
+        return out
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able description: specs and mesh axis names/sizes, no device ids."""

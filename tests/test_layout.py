@@ -1,8 +1,9 @@
-"""Layout and its pure index math, checked against what JAX itself reports.
+"""Layout's shard ownership, checked against what JAX itself reports.
 
-Like PyTorch DCP's planner tests: every case is plain arithmetic, computed for all
-devices (and fake processes) in one process. The cross-checks build the same
-NamedSharding on the 8 emulated CPU devices and compare with
+Layout asks JAX (``devices_indices_map``) which slice each device holds; these tests
+check that delegation: position order, explicit slices, replica numbering and the
+replica-0 write rule, on the 8 emulated CPU devices, for all devices (and fake
+processes, DCP-style) in one process. The cross-checks compare with
 ``jax.Array.addressable_shards`` position by position.
 """
 
@@ -13,15 +14,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from mesh import (
-    UNSHARDED,
-    Layout,
-    Mesh,
-    device_slices,
-    process_slices,
-    replica_ids,
-    shard_shape,
-)
+from mesh import UNSHARDED, Layout, Mesh, shard_shape
 
 U = UNSHARDED
 MESHES = {
@@ -61,6 +54,24 @@ CROSS_CASES = [
     pytest.param(MESHES["2x4"], (0, 16), ("a", "b"), id="zero-size-sharded"),
     pytest.param(MESHES["2x2x2"], (4, 0, 2), (("a", "b"), U, "c"), id="zero-size-unsharded"),
 ]
+
+
+def _layout(specs, axes) -> Layout:
+    """``specs`` over a mesh of ``axes`` on the first emulated devices, row-major."""
+    count = int(np.prod(list(axes.values())))
+    return Layout(specs, Mesh(tuple(axes), tuple(axes.values()), devices=jax.devices()[:count]))
+
+
+def device_slices(shape, specs, axes):
+    return _layout(specs, axes).device_slices(shape)
+
+
+def replica_ids(shape, specs, axes):
+    return _layout(specs, axes).replica_ids(shape)
+
+
+def process_slices(shape, specs, axes, device_process_index):
+    return _layout(specs, axes).process_slices(shape, device_process_index)
 
 
 def _normalize(index, shape):
