@@ -51,6 +51,7 @@ from . import _packing, errors
 from . import _tensorstore as tsio
 from ._bounds import check_restore
 from ._comm import Communicator, agree, default_communicator, error_kind, run_ordered
+from ._env import number_from_env
 from ._gc import paused as _gc_paused
 from ._gc import paused_unless_async as _gc_paused_unless_async
 from ._log import log_save
@@ -548,15 +549,9 @@ def read_window() -> tuple[int, int]:
     """
     cores = os.cpu_count() or 1
     window = min(max(256 << 20, (32 << 20) * cores), 1 << 30)
-    override = os.environ.get(_WINDOW_VARIABLE)
-    if override:
-        try:
-            window = int(override) << 20
-        except ValueError:
-            raise ValueError(f"{_WINDOW_VARIABLE} must be a whole number of MiB, got "
-                             f"{override!r}") from None
-        if window <= 0:
-            raise ValueError(f"{_WINDOW_VARIABLE} must be positive, got {override!r}")
+    window = number_from_env(_WINDOW_VARIABLE, window >> 20, parse=int,
+                             valid=lambda mib: mib > 0,
+                             expected="a positive whole number of MiB") << 20
     available = _available_memory()
     if available:
         window = min(window, max(64 << 20, available // 8))

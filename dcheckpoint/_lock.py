@@ -40,6 +40,7 @@ import stat
 import threading
 import time
 
+from ._env import number_from_env
 from .errors import CheckpointLockedError
 
 __all__ = ["DirectoryLock", "LOCK_FILENAME", "DEFAULT_LEASE_SECS", "LEASE_VARIABLE"]
@@ -82,16 +83,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _default_lease() -> float:
-    value = os.environ.get(LEASE_VARIABLE)
-    if not value:
-        return DEFAULT_LEASE_SECS
-    try:
-        lease = float(value)
-    except ValueError:
-        lease = -1.0
-    if not _LEASE_RANGE[0] <= lease <= _LEASE_RANGE[1]:
-        raise ValueError(f"{LEASE_VARIABLE}={value!r}: expected seconds in {_LEASE_RANGE}")
-    return lease
+    low, high = _LEASE_RANGE
+    return number_from_env(LEASE_VARIABLE, DEFAULT_LEASE_SECS,
+                           valid=lambda lease: low <= lease <= high,
+                           expected=f"seconds in {_LEASE_RANGE}")
 
 
 class DirectoryLock:

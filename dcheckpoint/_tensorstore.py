@@ -17,6 +17,7 @@ import time
 import numpy as np
 import tensorstore as ts
 
+from ._env import number_from_env
 from ._metadata import ArrayMetadata
 from .errors import CheckpointError, CorruptCheckpointError, StorageTimeoutError
 
@@ -82,16 +83,9 @@ def default_timeout_secs() -> float:
     Raises:
       ValueError: the variable is set but not a positive number of seconds.
     """
-    text = os.environ.get(TIMEOUT_VARIABLE)
-    if not text:
-        return DEFAULT_TIMEOUT_SECS
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"{TIMEOUT_VARIABLE}={text!r}: expected a positive number of seconds")
-    return value
+    return number_from_env(TIMEOUT_VARIABLE, DEFAULT_TIMEOUT_SECS,
+                           valid=lambda secs: 0 < secs < math.inf,
+                           expected="a positive number of seconds")
 
 
 def wait(future, *, timeout_secs: float, what: str, abandon_under: str | None = None):
