@@ -36,6 +36,8 @@ import subprocess
 import sys
 import time
 
+from bench_worker import drop_caches  # scripts/ is this script's sys.path[0]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SYSTEMS = ("dcheckpoint", "orbax")
 
@@ -43,16 +45,6 @@ SYSTEMS = ("dcheckpoint", "orbax")
 def _status(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-def _drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-        return True
-    except OSError:
-        return False
 
 
 def _remove(path: str) -> None:
@@ -169,7 +161,7 @@ def child_memory(args) -> None:
     jax.device_put(np.zeros(8, np.float32), sharding).block_until_ready()  # start runtime
     system = _system(args.system)
     targets = _targets(_shapes(args.size_gib, args.arrays), sharding)
-    cache_dropped = _drop_caches()
+    cache_dropped = drop_caches()
     base = _status("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -216,7 +208,7 @@ def _raw_read(path: str) -> float:
             f.readinto(memoryview(buf))
         return buf.nbytes
 
-    _drop_caches()
+    drop_caches()
     start = time.perf_counter()
     with cf.ThreadPoolExecutor(16) as pool:
         sum(pool.map(read, files))
@@ -307,7 +299,7 @@ def main_run(args) -> None:
     if run.phase("restore", 30):
         for r in range(args.rounds):
             for n in orders(r):
-                dropped = _drop_caches()
+                dropped = drop_caches()
                 start = time.perf_counter()
                 out = systems[n].restore(path[n], targets)
                 jax.block_until_ready(out)
@@ -354,7 +346,7 @@ def main_run(args) -> None:
             cpu8_targets = _targets(shapes, sharding)
             for r in range(args.rounds):
                 for n in orders(r):
-                    dropped = _drop_caches()
+                    dropped = drop_caches()
                     start = time.perf_counter()
                     out = systems[n].restore(os.path.join(args.dir, f"cpu8-{n}"),
                                              cpu8_targets)
