@@ -3,26 +3,28 @@
 A scheduler that preempts a job sends a notice first (SIGTERM on plain hosts, Slurm and
 Kubernetes; the cluster's own channel on TPU/GPU clouds) and kills it a grace period
 later. A notice reaches processes at different times, or only one of them, while a save
-is collective: every process must save at the *same* step. Two ways to agree:
+is collective: every process must save at the *same* step.
 
-- **JAX's preemption sync manager**, when ``jax.distributed`` runs it (the default in
-  multi-process jobs): ``jax.experimental.multihost_utils.reached_preemption_sync_point``
-  turns a notice on any host (JAX's own SIGTERM notifier on CPU and GPU, the TPU
-  maintenance events) into one sync step, max(step of every host) + 1, through the
-  coordination service in the background. We install no handler then: ours would
-  replace JAX's.
-- **Our own**, everywhere else (one process, or ``jax_enable_preemption_service`` off):
-  a SIGTERM handler only sets a flag. At each step boundary (:meth:`reached`) every
-  process hands its flag and step to a helper thread, which sends them to the
-  coordinator; the coordinator broadcasts "save" if any process has a flag (or an error
-  if the steps differ). One gather and one broadcast of a few bytes per step, *off the
-  training thread*: the answer to step k's exchange is what :meth:`reached` returns at
-  step k + 1, so every process saves at that same step, and the training thread only
-  collects a result that is normally ready (a blocking exchange cost 12 ms per step
-  on this 2-core VM under load; collecting it costs microseconds).
+A SIGTERM handler only sets a flag. At each step boundary (:meth:`reached`) every
+process hands its flag and step to a helper thread, which sends them to the
+coordinator; the coordinator broadcasts "save" if any process has a flag (or an error if
+the steps differ). One gather and one broadcast of a few bytes per step, *off the
+training thread*: the answer to step k's exchange is what :meth:`reached` returns at
+step k + 1, so every process saves at that same step, and the training thread only
+collects a result that is normally ready (a blocking exchange cost 12 ms per step on
+this 2-core VM under load; collecting it costs microseconds).
 
-Either way :meth:`reached` is collective: every process calls it once per step, with the
-same step number, and every process gets the same answer.
+Under ``jax.distributed`` JAX's preemption sync manager is asked too, every step
+(``multihost_utils.reached_preemption_sync_point``): it carries the notices only JAX
+sees (TPU maintenance events). Its answer is one more flag in our exchange, not the
+decision: JAX's own SIGTERM path was the decision once, and in CI it once let a job run
+11 steps past a SIGTERM to the end without saving (its protocol is timing-dependent and
+says nothing when it misses). Ours is not: a notice at step k is a save at step k + 2 on
+every process, or an error on every process. Our handler replaces JAX's SIGTERM
+notifier while the watcher lives.
+
+:meth:`reached` is collective: every process calls it once per step, with the same step
+number, and every process gets the same answer.
 """
 
 from __future__ import annotations
@@ -80,11 +82,11 @@ class PreemptionWatcher:
 
     Args:
       comm: the job's communicator; construction is collective over it.
-      timeout_secs: bound on each step's exchange (own mode only).
-      signals: signals taken as a notice in own mode; default ``(SIGTERM,)``.
+      timeout_secs: bound on each step's exchange.
+      signals: signals taken as a notice; default ``(SIGTERM,)``.
 
     Raises:
-      ValueError: own mode outside the main thread (Python delivers signals there only).
+      ValueError: called outside the main thread (Python delivers signals there only).
     """
 
     def __init__(self, comm: Communicator, *, timeout_secs: float,
@@ -93,18 +95,17 @@ class PreemptionWatcher:
         self._notice = threading.Event()
         self._last: tuple[int, bool] | None = None
         self._previous: dict[int, object] = {}
-        self._pending: Future | None = None  # the last step's exchange (own mode)
+        self._pending: Future | None = None  # the last step's exchange
         self._requests: queue.SimpleQueue | None = None
-        self.uses_jax = _jax_sync_manager_available()
-        self._comm = comm if self.uses_jax else _private_communicator(comm)
-        if not self.uses_jax:
-            if threading.current_thread() is not threading.main_thread():
-                raise ValueError(
-                    "save_on_preemption installs a SIGTERM handler, which Python allows "
-                    "only in the main thread; create the CheckpointManager there"
-                )
-            for signum in signals:
-                self._previous[signum] = signal.signal(signum, self._on_signal)
+        self.uses_jax = _jax_sync_manager_available()  # asked as one more notice source
+        self._comm = _private_communicator(comm)
+        if threading.current_thread() is not threading.main_thread():
+            raise ValueError(
+                "save_on_preemption installs a SIGTERM handler, which Python allows "
+                "only in the main thread; create the CheckpointManager there"
+            )
+        for signum in signals:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         # Only a flag (no logging: its locks are not safe here): the save runs at the
@@ -115,18 +116,18 @@ class PreemptionWatcher:
 
     @property
     def notice_received(self) -> bool:
-        """Whether this process received a notice (own mode)."""
+        """Whether this process received a notice (a signal or :meth:`notify`)."""
         return self._notice.is_set()
 
     def notify(self) -> None:
-        """Records a notice as if the signal arrived (own mode; for custom channels)."""
+        """Records a notice as if the signal arrived (for custom channels)."""
         self._notice.set()
 
     def reached(self, step: int) -> bool:
         """Whether every process is to save at ``step`` now (collective, once per step).
 
-        In own mode the answer reflects the notices seen at the previous call, so a
-        notice leads to a save at the second step boundary after it, on every process.
+        The answer reflects the notices seen at the previous call, so a notice leads to
+        a save at the second step boundary after it, on every process.
         Asking again for the same step returns the same answer without another exchange.
 
         Raises:
@@ -139,9 +140,10 @@ class PreemptionWatcher:
         if self.uses_jax:
             from jax.experimental import multihost_utils
 
-            answer = bool(multihost_utils.reached_preemption_sync_point(step))
-        else:
-            answer = self._agree(step)
+            # Called every step, as JAX's manager needs; True only at its sync step.
+            if multihost_utils.reached_preemption_sync_point(step):
+                self._notice.set()
+        answer = self._agree(step)
         self._last = (step, answer)
         if answer:
             logger.warning("preemption notice: every process agreed to save at step %d%s",
@@ -209,7 +211,9 @@ class PreemptionWatcher:
             self._requests = None
         for signum, handler in self._previous.items():
             try:
-                signal.signal(signum, handler)
+                # None: a handler set outside Python (JAX's notifier); the default it
+                # replaced is the best we can give back.
+                signal.signal(signum, signal.SIG_DFL if handler is None else handler)
             except ValueError:  # a finalizer outside the main thread: leave it
                 logger.warning("could not restore the handler of signal %d outside the "
                                "main thread", signum)

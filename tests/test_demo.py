@@ -36,11 +36,15 @@ def test_preempted_job_resumes_on_another_mesh_bit_identical(tmp_path):
     assert facts["identical"] == {"w1": True, "b1": True, "w2": True, "b2": True}
     assert facts["max_abs_diff"] == 0.0
     assert resumed["loss_hex"] == facts["uninterrupted"]["loss_hex"]
-    # SIGTERM to rank 1 only: JAX's preemption sync manager (launch starts
-    # jax.distributed) made both ranks save at one step past the notice, then exit 0.
+    # SIGTERM to rank 1 only, JAX's preemption service on (launch starts
+    # jax.distributed): the ranks' own exchange still decides, so both saved within two
+    # step boundaries of the notice (rank 1 is at most one step past the step line that
+    # triggered it; its flag is answered one step later), then exited 0.
     sigtermed, resumed_term = facts["sigtermed"], facts["resumed_sigterm"]
     assert sigtermed["exit_code"] == 0
-    assert sigtermed["preemption_step"] > sigtermed["sigterm_after_step"] >= 5
+    notice = sigtermed["sigterm_after_step"]
+    assert notice >= 5
+    assert notice < sigtermed["preemption_step"] <= notice + 2
     assert sigtermed["committed"][-1] == sigtermed["preemption_step"]
     assert sigtermed["preemption_step"] < 16  # it stopped early, not at the end
     assert resumed_term["start_step"] == sigtermed["preemption_step"]

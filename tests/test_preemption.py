@@ -1,10 +1,11 @@
 """Save on preemption: a SIGTERM becomes one agreed step where every process saves and exits.
 
-In one process the watcher's own SIGTERM handler is checked directly. Under
-``mpiexec -n 2`` the job's own exchange is used (JAX's preemption service switched off,
-as on hosts without it): SIGTERM reaches rank 1 only, both ranks save at one step and
-exit 0, and the job resumed from that checkpoint ends bit-identical to one never
-interrupted. tests/test_demo.py covers the same with JAX's preemption sync manager.
+In one process the watcher's SIGTERM handler is checked directly. Under
+``mpiexec -n 2`` (JAX's preemption service switched off, as on hosts without it):
+SIGTERM reaches rank 1 only, both ranks save at one step and exit 0, and the job
+resumed from that checkpoint ends bit-identical to one never interrupted.
+tests/test_demo.py covers the same with JAX's preemption service on, asked as one more
+notice source.
 """
 
 import gc
@@ -91,7 +92,7 @@ def test_a_dropped_manager_gives_sigterm_back(tmp_path):
 
 
 def test_sigterm_to_one_rank_under_mpiexec_resumes_bit_identical(tmp_path, monkeypatch):
-    # Our own exchange, not JAX's preemption service (covered by tests/test_demo.py).
+    # Without JAX's preemption service (with it: tests/test_demo.py).
     monkeypatch.setenv("JAX_ENABLE_PREEMPTION_SERVICE", "false")
     demo = load_demo()
     args = demo.parse_args(["--steps", "16", "--save-every", "4", "--preempt-after", "5",
@@ -100,7 +101,8 @@ def test_sigterm_to_one_rank_under_mpiexec_resumes_bit_identical(tmp_path, monke
     # Rank 1 got the notice; both ranks saved at the next step boundary and exited 0.
     assert sigtermed["exit_code"] == 0
     agreed = sigtermed["preemption_step"]
-    assert sigtermed["sigterm_after_step"] < agreed < 16  # early, after the notice
+    notice = sigtermed["sigterm_after_step"]
+    assert notice < agreed <= notice + 2  # within two step boundaries of the notice
     assert sigtermed["committed"][-1] == agreed
     assert f"ckpt-{agreed}" in os.listdir(tmp_path / "run")
 
