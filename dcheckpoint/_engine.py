@@ -574,7 +574,7 @@ class _Slice:
 
     def __init__(self, path, read, dtype):
         self.path, self.read = path, read
-        self.buffer = _aligned_empty(tuple(s.stop - s.start for s in read.index), dtype)
+        self.buffer = tsio.aligned_empty(tuple(s.stop - s.start for s in read.index), dtype)
         self.view = tsio.writable_view(self.buffer)  # reads land here
         self.waiting = 0  # pieces not yet read
         self.nbytes, self.itemsize = self.buffer.nbytes, self.buffer.itemsize
@@ -779,17 +779,6 @@ def storage_rel(storage, storage_path: str) -> str:
     """Checks that a storage path from metadata stays inside the checkpoint."""
     storage.resolve_inside(storage_path)
     return storage_path
-
-
-_CPU_ALIGN = 64  # bytes; XLA's CPU client aliases host buffers aligned to this
-
-
-def _aligned_empty(shape, dtype) -> np.ndarray:
-    """An uninitialised array whose buffer starts on a ``_CPU_ALIGN`` boundary."""
-    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    raw = np.empty(nbytes + _CPU_ALIGN, np.uint8)
-    offset = -raw.ctypes.data % _CPU_ALIGN
-    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
 
 
 def _result(future, path: str, directory: str):

@@ -268,8 +268,11 @@ class Packer:
                     item.data.copy_to_host_async()
         futures = []
         for dtype, items in self._groups.items():
-            flat = np.concatenate([np.asarray(i.data).reshape(-1) for i in items],
-                                  dtype=dtype)
+            offsets, size = _layout(items, dtype)
+            flat = np.zeros(size, dtype)
+            for item, offset in zip(items, offsets, strict=True):
+                value = np.asarray(item.data).reshape(-1)
+                flat[offset:offset + value.size] = value
             meta = _packed_array(self._names[dtype], flat.dtype, flat.size).meta
             array = tsio.open_for_write(staged.kvstore_spec(meta.storage_path), meta,
                                         compression).result()
@@ -280,13 +283,28 @@ class Packer:
         """The manifest's ``packed`` entry: the limit, and per dtype where each chunk lies."""
         out: dict[str, Any] = {"limit": self.limit, "arrays": {}}
         for dtype, items in self._groups.items():
-            offset, members = 0, []
-            for item in items:
-                members.append([item.path, offset, list(item.chunk)])
-                offset += math.prod(s.stop - s.start for s in item.index)
-            out["arrays"][self._names[dtype]] = {"dtype": dtype.name, "size": offset,
+            offsets, size = _layout(items, dtype)
+            members = [[item.path, offset, list(item.chunk)]
+                       for item, offset in zip(items, offsets, strict=True)]
+            out["arrays"][self._names[dtype]] = {"dtype": dtype.name, "size": size,
                                                  "members": members}
         return out
+
+
+def _layout(items, dtype: np.dtype) -> tuple[list[int], int]:
+    """Where each chunk goes in its packed array (element offsets), and the array's size.
+
+    Each chunk starts on a `tsio.CPU_ALIGN`-byte boundary (the gaps are zeros, at most
+    63 bytes per chunk): a restore reads into an aligned buffer, so every chunk's view
+    is aligned too and CPU devices adopt it without a copy. Readers only follow the
+    offsets in the metadata, so older, unpadded checkpoints read the same way.
+    """
+    step = max(1, tsio.CPU_ALIGN // dtype.itemsize)
+    offsets, offset = [], 0
+    for item in items:
+        offsets.append(offset)
+        offset += -(-math.prod(s.stop - s.start for s in item.index) // step) * step
+    return offsets, offset
 
 
 def _packed_array(name: str, dtype: np.dtype, size: int) -> PackedArray:
@@ -361,12 +379,20 @@ def group_paths(table: PackedTable | None) -> set[str]:
 # -- restore (every process) ---------------------------------------------------------------
 
 
+_PIECE_BYTES = 8 << 20  # one read of a packed array; its arrays go to devices together
+
+
 def restore(storage, metadata, plans: dict, directory: str) -> dict[str, Any]:
     """Reads packed arrays for ``plans`` ({path: (sharding or None, [ReadItem])}).
 
-    Each packed file's wanted byte ranges are merged and read together (one TensorStore
-    read per range, all in flight at once); the arrays are sliced out of them and every
-    device array goes to its devices in one batched ``jax.device_put``.
+    Every packed file's wanted byte ranges are merged, cut into pieces of about
+    `_PIECE_BYTES` at chunk boundaries and read together (all in flight at once). The
+    pieces are taken in order: as soon as one is in, the arrays it completes are sliced
+    out and sent to their devices in one batched ``jax.device_put``, while the later
+    reads go on. So the transfers (a host-to-device copy per array on an accelerator,
+    an adoption on CPU) overlap the reads instead of following them: on the 2-core VM
+    2,000 small replicated arrays restore about 0.1 s sooner than with one transfer
+    after every read.
     """
     if not plans:
         return {}
@@ -385,85 +411,131 @@ def restore(storage, metadata, plans: dict, directory: str) -> dict[str, Any]:
                                                              member.offset + member.size))
                 parts.append((member, member.size, within, local))
             pieces.append((path, read, parts))
-    # 2. Read merged ranges, every read in flight together.
-    ranges: dict[str, list[tuple[int, int, Any]]] = {}
-    opened = {name: tsio.open_for_read(storage.kvstore_spec(_inside(storage, name)),
-                                       table.arrays[name].meta) for name in wanted}
-    for name, spans in wanted.items():
-        array = _result(opened[name], table, name, None, directory)
-        merged = _merge(spans, table.arrays[name].chunk_size)
-        ranges[name] = [(lo, hi, array[lo:hi].read()) for lo, hi in merged]
-    data: dict[str, tuple[list[int], list[np.ndarray]]] = {}
-    for name, rs in ranges.items():
-        data[name] = ([lo for lo, _, _ in rs],
-                      [_result(f, table, name, (lo, hi), directory) for lo, hi, f in rs])
-    # 3. Slice every read out of them.
-    values: dict[str, list] = {}
-    for path, read, parts in pieces:
-        meta = metadata.arrays[path]
-        shape = tuple(s.stop - s.start for s in read.index)
-        if len(parts) == 1 and parts[0][1] == math.prod(shape):
-            member, size, _, _ = parts[0]  # the read is one whole chunk: a view, no copy
-            value = _flat(data, member, size).reshape(shape)
-        else:
-            value = np.empty(shape, meta.dtype)
-            for member, size, within, local in parts:
-                value[local] = _flat(data, member, size).reshape(
-                    _extent(meta, member.chunk))[within]
-        values.setdefault(path, []).append((read, value))
-    # 4. One batched transfer for every device array.
-    out: dict[str, Any] = {}
-    flat_values, flat_targets, placed = [], [], []
-    for path, (sharding, _) in plans.items():
-        meta = metadata.arrays[path]
-        parts = values.get(path, [])
-        if sharding is None:
-            out[path] = parts[0][1] if parts else np.zeros(meta.shape, meta.dtype)
-        elif not parts:  # zero-size
-            out[path] = jax.device_put(np.zeros(meta.shape, meta.dtype), sharding)
-        elif len(parts) == 1 and sharding.is_fully_addressable:
-            # One read serves every device (one device, or replicated): device_put
-            # makes the final array, no per-shard assembly. (Not across processes:
-            # there device_put checks with a collective that all hold the same value.)
-            read, value = parts[0]
-            flat_values.append(_adoptable(value, read.devices) if len(read.devices) > 1
-                               else value)  # one device: device_put's one copy is enough
-            flat_targets.append(sharding)
-            placed.append((path, None))
-        else:
-            for read, value in parts:
+    # 2. Every read in flight together, in pieces; `data` fills in as they arrive.
+    reads = []  # (packed name, lo, hi, future, block), in the order they are awaited
+    for name in sorted(wanted):
+        array = _result(tsio.open_for_read(storage.kvstore_spec(_inside(storage, name)),
+                                           table.arrays[name].meta), table, name, None,
+                        directory)
+        chunk = table.arrays[name].chunk_size
+        step = max(chunk, _PIECE_BYTES // table.arrays[name].dtype.itemsize // chunk * chunk)
+        for lo, hi in _merge(wanted[name], chunk):
+            cuts = [lo, *range((lo // step + 1) * step, hi, step), hi]  # at chunk bounds
+            reads.extend((name, a, b, *_read_aligned(array[a:b]))
+                         for a, b in itertools.pairwise(cuts))
+    data = {name: ([], []) for name in wanted}  # name: (starts, blocks) read so far
+    # 3. Each piece of the restore waits for the last read it needs, then moves.
+    last_read = {}
+    for name, lo, *_ in reads:
+        last_read.setdefault(name, []).append(lo)
+    due: dict[int, list] = {}
+    order = {(name, lo): i for i, (name, lo, *_) in enumerate(reads)}
+    for piece in pieces:
+        needed = max(order[(m.packed, _start_of(last_read[m.packed], m.offset + m.size - 1))]
+                     for m, _, _, _ in piece[2])
+        due.setdefault(needed, []).append(piece)
+    moved = _Moved(plans)
+    for i, (name, lo, hi, future, block) in enumerate(reads):
+        data[name][0].append(lo)
+        read = _result(future, table, name, (lo, hi), directory)
+        data[name][1].append(read if block is None else block)
+        moved.send(metadata, data, due.pop(i, []))
+    return moved.arrays(metadata)
+
+
+def _read_aligned(view) -> tuple[Any, np.ndarray | None]:
+    """Starts reading ``view`` into a new aligned block: (future, block); (future of a
+    new array, None) where TensorStore cannot write into numpy memory."""
+    block = tsio.aligned_empty(view.shape, view.dtype.numpy_dtype)
+    target = tsio.writable_view(block)
+    return (view.read(), None) if target is None else (target.write(view), block)
+
+
+def _start_of(starts: list[int], element: int) -> int:
+    return starts[bisect.bisect_right(starts, element) - 1]
+
+
+class _Moved:
+    """The packed arrays of one restore, moved to their devices a batch at a time."""
+
+    def __init__(self, plans: dict):
+        self._plans = plans
+        self._done: dict[str, Any] = {}  # path: final value
+        self._shards: dict[str, list] = {}  # path: single-device arrays, for assembly
+
+    def send(self, metadata, data, pieces) -> None:
+        """Slices ``pieces`` out of ``data`` and sends them in one batched transfer."""
+        values, targets, placed = [], [], []
+        for path, read, parts in pieces:
+            meta = metadata.arrays[path]
+            value = _slice(meta, data, read, parts)
+            sharding, reads = self._plans[path]
+            if sharding is None:
+                self._done[path] = value
+            elif len(reads) == 1 and sharding.is_fully_addressable:
+                # One read serves every device (one device, or replicated): device_put
+                # makes the final array, no per-shard assembly. (Not across processes:
+                # there device_put checks with a collective that all hold the same value.)
+                values.append(_adoptable(value, read.devices) if len(read.devices) > 1
+                              else value)  # one device: device_put's one copy is enough
+                targets.append(sharding)
+                placed.append((path, None))
+            else:
                 value = _adoptable(value, read.devices)
-                flat_values.extend(value for _ in read.devices)
-                flat_targets.extend(read.devices)
-            placed.append((path, sharding))
-    # The buffers are this call's own: devices may adopt them (CPU: no second copy, and
-    # one buffer serves every device of a replicated array).
-    moved = iter(jax.device_put(flat_values, flat_targets, may_alias=True)
-                 if flat_values else [])
-    for path, sharding in placed:
-        if sharding is None:
-            out[path] = next(moved)
-            continue
-        meta = metadata.arrays[path]
-        mine = [next(moved) for read, _ in values[path] for _ in read.devices]
-        out[path] = jax.make_array_from_single_device_arrays(meta.shape, sharding, mine)
-    return out
+                values.extend(value for _ in read.devices)
+                targets.extend(read.devices)
+                placed.append((path, len(read.devices)))  # shards, assembled at the end
+        if not values:
+            return
+        # The buffers are this call's own: devices may adopt them (CPU: no second copy,
+        # and one buffer serves every device of a replicated array).
+        out = iter(jax.device_put(values, targets, may_alias=True))
+        for path, count in placed:
+            if count is None:
+                self._done[path] = next(out)
+            else:
+                self._shards.setdefault(path, []).extend(next(out) for _ in range(count))
+
+    def arrays(self, metadata) -> dict[str, Any]:
+        """Every planned array: assembled from its shards, or zeros if it has no reads."""
+        out = {}
+        for path, (sharding, _) in self._plans.items():
+            meta = metadata.arrays[path]
+            if path in self._done:
+                out[path] = self._done[path]
+            elif path in self._shards:
+                out[path] = jax.make_array_from_single_device_arrays(
+                    meta.shape, sharding, self._shards[path])
+            elif sharding is None:
+                out[path] = np.zeros(meta.shape, meta.dtype)
+            else:  # zero-size
+                out[path] = jax.device_put(np.zeros(meta.shape, meta.dtype), sharding)
+        return out
 
 
-_CPU_ALIGN = 64  # bytes; XLA's CPU client adopts host buffers aligned to this
+def _slice(meta: ArrayMetadata, data, read, parts) -> np.ndarray:
+    """One read's values, cut out of the packed blocks read so far."""
+    shape = tuple(s.stop - s.start for s in read.index)
+    if len(parts) == 1 and parts[0][1] == math.prod(shape):
+        member, size, _, _ = parts[0]  # the read is one whole chunk: a view, no copy
+        return _flat(data, member, size).reshape(shape)
+    value = tsio.aligned_empty(shape, meta.dtype)
+    for member, size, within, local in parts:
+        value[local] = _flat(data, member, size).reshape(_extent(meta, member.chunk))[within]
+    return value
 
 
 def _adoptable(value: np.ndarray, devices) -> np.ndarray:
     """``value`` in a buffer a CPU device can adopt without copying (64-byte aligned).
 
-    A packed array's values are views at any offset of a read buffer; one copy here
-    replaces a copy per device. Other platforms copy to the device anyway.
+    Chunks are aligned in the packed arrays since they are padded (`_layout`), so this
+    copies only for checkpoints written before, and for a chunk that crosses a read
+    block: one copy here replaces a copy per device. Other platforms copy to the
+    device anyway.
     """
-    if not devices or devices[0].platform != "cpu" or value.ctypes.data % _CPU_ALIGN == 0:
+    if not devices or devices[0].platform != "cpu" or value.ctypes.data % tsio.CPU_ALIGN == 0:
         return value
-    raw = np.empty(value.nbytes + _CPU_ALIGN, np.uint8)
-    start = -raw.ctypes.data % _CPU_ALIGN
-    out = raw[start:start + value.nbytes].view(value.dtype).reshape(value.shape)
+    out = tsio.aligned_empty(value.shape, value.dtype)
     np.copyto(out, value)
     return out
 
@@ -500,10 +572,18 @@ def _merge(spans: list[tuple[int, int]], gap: int) -> list[tuple[int, int]]:
 
 
 def _flat(data, member: Member, size: int) -> np.ndarray:
+    """A member's elements: a view of one block, or joined where it crosses into the next."""
     starts, blocks = data[member.packed]
     i = bisect.bisect_right(starts, member.offset) - 1
     lo = member.offset - starts[i]
-    return blocks[i][lo:lo + size]
+    if lo + size <= len(blocks[i]):
+        return blocks[i][lo:lo + size]
+    parts, need = [], size
+    while need:
+        part = blocks[i][lo:lo + need]
+        parts.append(part)
+        need, lo, i = need - len(part), 0, i + 1
+    return np.concatenate(parts)
 
 
 def _result(future, table: PackedTable, name: str, span, directory: str):

@@ -236,8 +236,12 @@ def plan_read(path: str, meta: ArrayMetadata, target: Any) -> tuple[Any, list[Re
             f"Array {path!r}: restore target has dtype {np.dtype(dtype).name}, the "
             f"checkpoint holds {meta.dtype.name}"
         )
+    whole = tuple(slice(0, d) for d in meta.shape)
     if sharding is None:
-        return None, [ReadItem(path, tuple(slice(0, d) for d in meta.shape), ())]
+        return None, [ReadItem(path, whole, ())]
+    if sharding.is_fully_replicated:  # the common small case, without a per-device walk
+        devices = tuple(sorted(sharding.addressable_devices, key=lambda d: d.id))
+        return sharding, [ReadItem(path, whole, devices)] if devices else []
     # Slices are not hashable before Python 3.12: group by (start, stop) pairs.
     by_bounds: dict[tuple, tuple[Index, list[jax.Device]]] = {}
     for device, index in sharding.addressable_devices_indices_map(meta.shape).items():

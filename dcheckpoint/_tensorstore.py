@@ -322,6 +322,18 @@ def write_files(kvstore: dict, files: dict[str, bytes], *, timeout_secs: float,
              timeout_secs=timeout_secs, what=what, abandon_under=abandon_under)
 
 
+CPU_ALIGN = 64  # bytes; XLA's CPU client adopts (aliases) host buffers aligned to this
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised array whose buffer starts on a `CPU_ALIGN` boundary: reads land
+    in it (`writable_view`) and a CPU device adopts it without another copy."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + CPU_ALIGN, np.uint8)
+    offset = -raw.ctypes.data % CPU_ALIGN
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
 _WRITES_INTO_NUMPY: bool | None = None
 
 
