@@ -11,11 +11,12 @@ same codecs as every other array (crc32c per chunk of ``PACKED_CHUNK_BYTES``), s
 Zarr reader opens them; the metadata file's ``packed`` table says where each saved
 chunk of each packed array lies:
 
-    "packed": {"_packed/p0/float32": {"dtype": "float32", "size": 70, "chunk_size": 262144,
+    "packed": {"_packed/p0/float32": {"dtype": "float32", "size": 80, "chunk_size": 262144,
                                       "members": [["model/b", 0, [0]], ["step", 64, []]]}}
 
 Each member ``[array path, offset, chunk coordinates]`` is one saved chunk, ``prod(extent)``
-elements from ``offset`` where extent is the chunk's shape clipped to the array (see
+elements from ``offset`` (a 64-byte boundary, see `_layout`) where extent is the
+chunk's shape clipped to the array (see
 docs/FORMAT.md for the reading recipe). The
 choice over TensorStore's OCDBT kvstore and its measurements are in docs/FORMAT.md.
 
