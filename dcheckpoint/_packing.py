@@ -11,7 +11,7 @@ same codecs as every other array (crc32c per chunk of ``PACKED_CHUNK_BYTES``), s
 Zarr reader opens them; the metadata file's ``packed`` table says where each saved
 chunk of each packed array lies:
 
-    "packed": {"_packed/p0/float32": {"dtype": "float32", "size": 80, "chunk_size": 262144,
+    "packed": {"_packed/p0/float32": {"dtype": "float32", "size": 80, "chunk_size": 80,
                                       "members": [["model/b", 0, [0]], ["step", 64, []]]}}
 
 Each member ``[array path, offset, chunk coordinates]`` is one saved chunk, ``prod(extent)``
@@ -309,8 +309,10 @@ def _layout(items, dtype: np.dtype) -> tuple[list[int], int]:
 
 
 def _packed_array(name: str, dtype: np.dtype, size: int) -> PackedArray:
-    return PackedArray(name, np.dtype(dtype), size,
-                       max(1, PACKED_CHUNK_BYTES // np.dtype(dtype).itemsize))
+    """Chunks of `PACKED_CHUNK_BYTES`, or one chunk of the whole array if it is smaller
+    (Zarr stores an edge chunk at full size: 2 KiB of scalars would cost 1 MiB)."""
+    chunk = max(1, PACKED_CHUNK_BYTES // np.dtype(dtype).itemsize)
+    return PackedArray(name, np.dtype(dtype), size, max(1, min(chunk, size)))
 
 
 # -- commit (coordinator) ------------------------------------------------------------------

@@ -252,3 +252,38 @@ def test_overwriting_a_prefix_leaves_one_data_directory_and_old_readers_get_a_cl
     with pytest.raises(CheckpointNotFoundError, match="replaced by another save while"):
         dcheckpoint._engine.restore_arrays(path, {"w": None}, metadata=old)
     np.testing.assert_array_equal(dcheckpoint.restore_pytree(path, {"w": None})["w"], [2] * 4)
+
+
+def test_packed_small_arrays_on_s3_restore_verify_and_name_a_corrupt_array(bucket):
+    # 100 small arrays (and a sharded one) are packed: one object per process and dtype.
+    layers = {f"layer{i}": {f"b{j}": np.arange(10 * i + j + 1, dtype=np.float32) * (j + 1)
+                            for j in range(10)} for i in range(10)}
+    sharded = np.arange(64, dtype=np.int32).reshape(8, 8)
+    tree = {**layers, "s": _sharded(_mesh((4, 2)), P("x", "y"), sharded)}
+    path = dcheckpoint.save_pytree(f"{bucket}/packed", tree)
+    meta = dcheckpoint.read_metadata(path)
+    assert len(meta.arrays) == 101 and all(meta.packed.holds(p) for p in meta.arrays)
+    storage = open_storage(path)
+    packed = sorted(meta.packed.arrays)
+    assert [n.rsplit("/", 1)[-1] for n in packed] == ["float32", "int32"]
+    for name in packed:
+        assert storage.list_files(f"{name}/c") == ["0"]
+
+    target = NamedSharding(_mesh((2, 2)), P("y", "x"))
+    restored = dcheckpoint.restore_pytree(
+        path, {**{k: dict.fromkeys(v) for k, v in layers.items()}, "s": target})
+    for layer, arrays in layers.items():
+        for name, want in arrays.items():
+            np.testing.assert_array_equal(restored[layer][name], want)
+    assert restored["s"].sharding == target
+    np.testing.assert_array_equal(np.asarray(restored["s"]), sharded)
+    assert dcheckpoint.verify(path).ok
+
+    float32 = next(n for n in packed if n.endswith("float32"))
+    data = bytearray(storage.read_bytes(f"{float32}/c/0", max_bytes=1 << 20))
+    assert len(data) == 4 * meta.packed.arrays[float32].size + 4  # no 1 MiB edge chunk
+    data[0] ^= 0xFF  # the first element of the first member: layer0/b0
+    storage.write_bytes_atomic(f"{float32}/c/0", bytes(data))
+    with pytest.raises(CorruptCheckpointError, match=r"layer0/b0"):
+        dcheckpoint.restore_pytree(path, {"layer0": {"b0": None}})
+    assert not dcheckpoint.verify(path).ok
