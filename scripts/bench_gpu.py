@@ -18,9 +18,14 @@ every restore when we are root; a previous checkpoint is deleted outside the tim
   subprocess with 8 emulated CPU devices on a (4, 2) mesh (many small shards).
 - ``raw_read``: 16 threads reading dcheckpoint's files into memory, no decoding: the
   disk's limit for a restore.
+- ``restore_host`` (dcheckpoint): the same checkpoint restored to host numpy arrays.
+- ``restore_mesh42``: with ``--platform cpu --cpu-devices 8``, the one-device
+  checkpoint restored onto a (4, 2) mesh (coarse to fine: each 256 MiB shard feeds 8
+  devices).
 - ``host_peak``: peak resident memory of a restore onto the device beyond what the
   process had before, in a fresh process per system (VmHWM; tracemalloc would miss
-  C++ allocations).
+  C++ allocations). ``--variant ENV=VALUE`` (repeatable) adds a dcheckpoint row
+  ``host_peak ENV=VALUE`` run with that environment (e.g. another read window).
 
 Only jax, tensorstore, numpy (and orbax-checkpoint for the peer) are needed.
 """
@@ -178,11 +183,11 @@ def child_memory(args) -> None:
     os._exit(0)
 
 
-def _run_child(args, *extra, platform=None, timeout=300) -> dict:
+def _run_child(args, *extra, platform=None, timeout=300, env_extra=None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--out", args.out, "--dir", args.dir,
            "--size-gib", str(args.size_gib), "--arrays", str(args.arrays),
            "--systems", args.systems, "--platform", platform or args.platform, *extra]
-    env = dict(os.environ)
+    env = dict(os.environ, **(env_extra or {}))
     if (platform or args.platform) == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -248,7 +253,7 @@ class Run:
 
 
 def main_run(args) -> None:
-    jax = _setup_jax(args.platform)
+    jax = _setup_jax(args.platform, args.cpu_devices)
     device = jax.devices()[0]
     run = Run(args)
     run.result.update(device=f"{device.platform}: {device.device_kind}",
@@ -308,6 +313,27 @@ def main_run(args) -> None:
                 del out
         if "dcheckpoint" in systems:
             run.record("raw_read", "dcheckpoint", _raw_read(path["dcheckpoint"]))
+            for _ in range(args.rounds):
+                dropped = drop_caches()
+                start = time.perf_counter()
+                out = systems["dcheckpoint"].restore(path["dcheckpoint"], dict.fromkeys(state))
+                run.record("restore_host", "dcheckpoint", time.perf_counter() - start,
+                           cache_dropped=dropped)
+                del out
+    if len(jax.devices()) >= 8 and run.phase("restore onto a (4, 2) mesh", 30):
+        mesh = jax.make_mesh((4, 2), ("x", "y"), devices=jax.devices()[:8],
+                             axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        mesh_targets = _targets(state, jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec("x", "y")))
+        for r in range(args.rounds):
+            for n in orders(r):
+                dropped = drop_caches()
+                start = time.perf_counter()
+                out = systems[n].restore(path[n], mesh_targets)
+                jax.block_until_ready(out)
+                run.record("restore_mesh42", n, time.perf_counter() - start,
+                           cache_dropped=dropped)
+                del out
     if run.phase("async", 40):
         fresh_fn = jax.jit(lambda t: jax.tree.map(lambda x: x * 1.0, t))
         for r in range(args.rounds + 1):  # the first round allocates pinned memory
@@ -335,6 +361,17 @@ def main_run(args) -> None:
                            peak_extra_bytes=rec["peak_extra_bytes"])
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 run.result["notes"].append(f"host_peak {n}: {e}")
+                run.save()
+        for variant in args.variant if "dcheckpoint" in systems else []:
+            key, _, value = variant.partition("=")
+            try:
+                rec = _run_child(args, "--child", "memory", "--system", "dcheckpoint",
+                                 "--path", path["dcheckpoint"], env_extra={key: value},
+                                 timeout=max(30, int(run.left())))
+                run.record(f"host_peak {variant}", "dcheckpoint", rec["seconds"],
+                           peak_extra_bytes=rec["peak_extra_bytes"])
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                run.result["notes"].append(f"host_peak {variant}: {e}")
                 run.save()
     if run.phase("restore from 8 CPU devices (written by a subprocess)", 60):
         try:
@@ -370,7 +407,8 @@ def summarize(result: dict) -> dict:
             best = min(entry["seconds"])
             cell = {"best_s": best, "runs": len(entry["seconds"]),
                     "spread": round(max(entry["seconds"]) / best - 1, 3) if best else 0}
-            if row in ("save", "restore", "restore_from_cpu8", "raw_read", "async_total"):
+            if row in ("save", "restore", "restore_from_cpu8", "raw_read", "async_total",
+                       "restore_host", "restore_mesh42"):
                 cell["gbps"] = round(nbytes / best / 1e9, 3) if best else None
             if "peak_extra_bytes" in entry:
                 cell["peak_extra_bytes"] = entry["peak_extra_bytes"]
@@ -395,8 +433,9 @@ def summarize(result: dict) -> dict:
     if peak is not None:
         ratios["host_peak_over_bytes_dcheckpoint"] = peak
     raw = best("raw_read", "dcheckpoint")
-    if raw and dc_r:
-        ratios["restore_over_raw_read"] = round(raw / dc_r, 3)
+    for row in ("restore", "restore_host", "restore_mesh42"):
+        if raw and best(row, "dcheckpoint"):
+            ratios[f"{row}_over_raw_read"] = round(raw / best(row, "dcheckpoint"), 3)
     return {"rows": rows, "ratios": ratios}
 
 
@@ -437,6 +476,10 @@ def main() -> None:
     p.add_argument("--budget-s", type=float, default=220,
                    help="skip phases that would not fit in this many seconds")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    p.add_argument("--cpu-devices", type=int, default=1,
+                   help="--platform cpu: emulated devices (8 adds the (4, 2) mesh row)")
+    p.add_argument("--variant", action="append", default=[],
+                   help="ENV=VALUE: one more dcheckpoint host-peak run with that variable")
     p.add_argument("--child", choices=["memory", "write-cpu8"], help=argparse.SUPPRESS)
     p.add_argument("--system", help=argparse.SUPPRESS)
     p.add_argument("--path", help=argparse.SUPPRESS)

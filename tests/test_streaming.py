@@ -151,6 +151,20 @@ def test_inner_chunks_divide_the_shard_and_stay_within_the_budget():
             assert np.prod(inner) * itemsize <= tsio.INNER_CHUNK_BYTES
 
 
+def test_read_window_follows_cores_on_host_and_stays_small_for_accelerators(monkeypatch):
+    mib = 1 << 20
+    monkeypatch.setattr(_engine, "_available_memory", lambda: 64 << 30)
+    monkeypatch.delenv("DCHECKPOINT_READ_WINDOW_MIB", raising=False)
+    for cores, host in [(2, 256), (16, 512), (64, 1024)]:
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert _engine.read_window()[0] == host * mib
+        assert _engine.read_window(to_accelerator=True)[0] == 256 * mib
+    monkeypatch.setenv("DCHECKPOINT_READ_WINDOW_MIB", "96")  # the operator's bound wins
+    assert _engine.read_window(to_accelerator=True)[0] == _engine.read_window()[0] == 96 * mib
+    monkeypatch.setattr(_engine, "_available_memory", lambda: 256 * mib)  # and memory
+    assert _engine.read_window()[0] == 64 * mib
+
+
 _MEMORY_WORKER = textwrap.dedent("""
     import json, os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -159,7 +173,7 @@ _MEMORY_WORKER = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     import dcheckpoint
     from dcheckpoint import _engine
-    _engine.read_window = lambda: (8 << 20, 2)
+    _engine.read_window = lambda to_accelerator=False: (8 << 20, 2)
     path, target = sys.argv[1], sys.argv[2]
     mesh = jax.make_mesh((4, 2), ("x", "y"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     sharding = None if target == "host" else NamedSharding(mesh, P("x", "y"))
