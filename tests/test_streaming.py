@@ -5,6 +5,7 @@ lowered here so small arrays exercise it. Read-once is checked with the process'
 ``rchar`` (bytes returned by read calls), memory with VmHWM in a fresh subprocess.
 """
 
+import concurrent.futures as cf
 import json
 import os
 import subprocess
@@ -93,6 +94,38 @@ def test_big_shards_restore_in_pieces_bit_identical(tmp_path, small_shards, save
             assert restored[k].sharding == sharding
 
 
+@pytest.mark.parametrize("target", ["rows_cols_4x2", "replicated", "one_device"])
+def test_copies_on_the_transfer_thread_restore_bit_identically(tmp_path, small_shards,
+                                                               monkeypatch, target):
+    """The accelerator path on CPU: every slice taken as bound for an accelerator, so
+    its copy runs on the transfer thread (at most two waiting) and the arrays are built
+    after the last read; 20 arrays of 8 slices each keep that queue full."""
+    real_init = _engine._Slice.__init__
+
+    def accelerator_bound(self, *args):
+        real_init(self, *args)
+        self.transient = True
+
+    monkeypatch.setattr(_engine._Slice, "__init__", accelerator_bound)
+    copies = []  # device_puts handed to a thread pool (saves use pools of their own)
+    real_submit = cf.ThreadPoolExecutor.submit
+
+    def submit(pool, fn, *args, **kwargs):
+        if getattr(fn, "func", None) is jax.device_put:
+            copies.append(fn)
+        return real_submit(pool, fn, *args, **kwargs)
+
+    monkeypatch.setattr(cf.ThreadPoolExecutor, "submit", submit)
+    arrays = {f"a{i}": _values((64, 48), "float32", i) for i in range(20)}
+    dcheckpoint.save_pytree(str(tmp_path / "c"), arrays)
+    sharding = TARGETS[target]()
+    restored = dcheckpoint.restore_pytree(str(tmp_path / "c"), {k: sharding for k in arrays})
+    assert len(copies) == 20 * (8 if target == "rows_cols_4x2" else 1)  # one per slice
+    for k, v in arrays.items():
+        assert restored[k].sharding == sharding
+        assert np.asarray(restored[k]).tobytes() == v.tobytes(), k
+
+
 def test_sharded_arrays_open_with_zarr_and_tensorstore_alone(tmp_path, small_shards):
     values = _values((256, 64), "float32")
     dcheckpoint.save_pytree(str(tmp_path / "c"), {"w": values})
@@ -151,16 +184,15 @@ def test_inner_chunks_divide_the_shard_and_stay_within_the_budget():
             assert np.prod(inner) * itemsize <= tsio.INNER_CHUNK_BYTES
 
 
-def test_read_window_follows_cores_on_host_and_stays_small_for_accelerators(monkeypatch):
+def test_read_window_follows_the_cores_the_memory_and_the_operator(monkeypatch):
     mib = 1 << 20
     monkeypatch.setattr(_engine, "_available_memory", lambda: 64 << 30)
     monkeypatch.delenv("DCHECKPOINT_READ_WINDOW_MIB", raising=False)
-    for cores, host in [(2, 256), (16, 512), (64, 1024)]:
+    for cores, window, reads in [(2, 256, 16), (16, 512, 32), (64, 1024, 64)]:
         monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
-        assert _engine.read_window()[0] == host * mib
-        assert _engine.read_window(to_accelerator=True)[0] == 256 * mib
+        assert _engine.read_window() == (window * mib, reads)
     monkeypatch.setenv("DCHECKPOINT_READ_WINDOW_MIB", "96")  # the operator's bound wins
-    assert _engine.read_window(to_accelerator=True)[0] == _engine.read_window()[0] == 96 * mib
+    assert _engine.read_window()[0] == 96 * mib
     monkeypatch.setattr(_engine, "_available_memory", lambda: 256 * mib)  # and memory
     assert _engine.read_window()[0] == 64 * mib
 
@@ -173,7 +205,7 @@ _MEMORY_WORKER = textwrap.dedent("""
     from jax.sharding import NamedSharding, PartitionSpec as P
     import dcheckpoint
     from dcheckpoint import _engine
-    _engine.read_window = lambda to_accelerator=False: (8 << 20, 2)
+    _engine.read_window = lambda: (8 << 20, 2)
     path, target = sys.argv[1], sys.argv[2]
     mesh = jax.make_mesh((4, 2), ("x", "y"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     sharding = None if target == "host" else NamedSharding(mesh, P("x", "y"))
