@@ -289,6 +289,15 @@ def main_run(args) -> None:
         order = list(systems)
         return order[r % len(order):] + order[:r % len(order)]
 
+    def timed_restore(row, n, where, restore_targets):
+        """One restore with the page cache dropped first; returns what it restored."""
+        dropped = drop_caches()
+        start = time.perf_counter()
+        out = systems[n].restore(where, restore_targets)
+        jax.block_until_ready(out)
+        run.record(row, n, time.perf_counter() - start, cache_dropped=dropped)
+        return out
+
     path = {n: os.path.join(args.dir, f"ckpt-{n}") for n in systems}
     if run.phase("warm-up save (untimed: first-save compile, fresh pages)", 30):
         for n, s in systems.items():
@@ -304,22 +313,12 @@ def main_run(args) -> None:
     if run.phase("restore", 30):
         for r in range(args.rounds):
             for n in orders(r):
-                dropped = drop_caches()
-                start = time.perf_counter()
-                out = systems[n].restore(path[n], targets)
-                jax.block_until_ready(out)
-                run.record("restore", n, time.perf_counter() - start, cache_dropped=dropped)
-                check(out, n)
-                del out
+                check(timed_restore("restore", n, path[n], targets), n)
         if "dcheckpoint" in systems:
             run.record("raw_read", "dcheckpoint", _raw_read(path["dcheckpoint"]))
             for _ in range(args.rounds):
-                dropped = drop_caches()
-                start = time.perf_counter()
-                out = systems["dcheckpoint"].restore(path["dcheckpoint"], dict.fromkeys(state))
-                run.record("restore_host", "dcheckpoint", time.perf_counter() - start,
-                           cache_dropped=dropped)
-                del out
+                timed_restore("restore_host", "dcheckpoint", path["dcheckpoint"],
+                              dict.fromkeys(state))
     if len(jax.devices()) >= 8 and run.phase("restore onto a (4, 2) mesh", 30):
         mesh = jax.make_mesh((4, 2), ("x", "y"), devices=jax.devices()[:8],
                              axis_types=(jax.sharding.AxisType.Auto,) * 2)
@@ -327,13 +326,7 @@ def main_run(args) -> None:
             mesh, jax.sharding.PartitionSpec("x", "y")))
         for r in range(args.rounds):
             for n in orders(r):
-                dropped = drop_caches()
-                start = time.perf_counter()
-                out = systems[n].restore(path[n], mesh_targets)
-                jax.block_until_ready(out)
-                run.record("restore_mesh42", n, time.perf_counter() - start,
-                           cache_dropped=dropped)
-                del out
+                timed_restore("restore_mesh42", n, path[n], mesh_targets)
     if run.phase("async", 40):
         fresh_fn = jax.jit(lambda t: jax.tree.map(lambda x: x * 1.0, t))
         for r in range(args.rounds + 1):  # the first round allocates pinned memory
@@ -383,14 +376,8 @@ def main_run(args) -> None:
             cpu8_targets = _targets(shapes, sharding)
             for r in range(args.rounds):
                 for n in orders(r):
-                    dropped = drop_caches()
-                    start = time.perf_counter()
-                    out = systems[n].restore(os.path.join(args.dir, f"cpu8-{n}"),
-                                             cpu8_targets)
-                    jax.block_until_ready(out)
-                    run.record("restore_from_cpu8", n, time.perf_counter() - start,
-                               cache_dropped=dropped)
-                    del out
+                    timed_restore("restore_from_cpu8", n, os.path.join(args.dir, f"cpu8-{n}"),
+                                  cpu8_targets)
     run.save()
     print_table(run.result)
     if not args.keep:
