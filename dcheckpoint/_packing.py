@@ -485,8 +485,10 @@ class _Moved:
                 placed.append((path, None))
             else:
                 value = _adoptable(value, read.devices)
+                kind = getattr(sharding, "memory_kind", None)  # e.g. pinned_host
                 values.extend(value for _ in read.devices)
-                targets.extend(read.devices)
+                targets.extend(jax.sharding.SingleDeviceSharding(d, memory_kind=kind)
+                               for d in read.devices)
                 placed.append((path, len(read.devices)))  # shards, assembled at the end
         if not values:
             return

@@ -155,6 +155,9 @@ def test_round_trip_onto_other_meshes_host_and_one_device(saved):
                for name, v in values.items()}
     targets["sharded/0"] = NamedSharding(mesh, P("b", "a"))  # crosses saved chunks
     targets["sharded/1"] = SingleDeviceSharding(jax.devices()[5])
+    # A host memory kind is kept, replicated or sharded (each shard put into it).
+    targets["sharded/2"] = NamedSharding(mesh, P("a"), memory_kind="pinned_host")
+    targets["sharded/3"] = NamedSharding(mesh, P(), memory_kind="pinned_host")
     out = _engine.restore_arrays(path, targets)
     for name, want in values.items():
         _same(out[name], want)
