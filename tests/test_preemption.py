@@ -116,12 +116,18 @@ def test_sigterm_to_one_rank_under_mpiexec_resumes_bit_identical(tmp_path, monke
     assert resumed["loss_hex"] == baseline["loss_hex"]
 
 
-def test_ranks_that_disagree_raise_instead_of_diverging(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAX_ENABLE_PREEMPTION_SERVICE", "false")
+@pytest.mark.parametrize("jax_service", [False, True], ids=["own", "with JAX's service"])
+def test_ranks_that_disagree_raise_instead_of_diverging(tmp_path, monkeypatch, jax_service):
+    # With JAX's preemption service on, it is asked too, but our exchange still decides,
+    # so ranks at different steps are an error there as well.
+    if jax_service:
+        monkeypatch.delenv("JAX_ENABLE_PREEMPTION_SERVICE", raising=False)
+    else:
+        monkeypatch.setenv("JAX_ENABLE_PREEMPTION_SERVICE", "false")
     completed = run_launch(REPO_ROOT / "tests" / "workers" / "misuse_worker.py", tmp_path,
                            processes=2, devices_per_process=1)
     rank0, rank1 = results(completed)
-    assert rank0["uses_jax"] is False and rank1["uses_jax"] is False
+    assert rank0["uses_jax"] is rank1["uses_jax"] is jax_service
     # Every process agrees or nobody deletes: both ranks learn their call was not done.
     for rank in (rank0, rank1):
         assert rank["deleted"].startswith(

@@ -2,7 +2,7 @@
 
 1. rank 0 calls ``delete(1)``, rank 1 ``delete(3)``: nothing is deleted and both
    ranks raise CoordinationError (neither believes its step is gone).
-2. with ``save_on_preemption`` (own mode: the test turns JAX's service off), rank 0
+2. with ``save_on_preemption`` (JAX's preemption service on or off), rank 0
    asks at steps 5, 7 and rank 1 at 6, 8: both must raise CoordinationError.
 Prints one ``RESULT {json}`` line per process.
 """
