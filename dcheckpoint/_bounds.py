@@ -29,7 +29,8 @@ from ._metadata import METADATA_FILE, ArrayMetadata
 from ._storage import LocalStorage
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
-__all__ = ["memory_limit", "chunk_total", "check_restore", "LIST_ABOVE_CHUNKS"]
+__all__ = ["memory_limit", "chunk_total", "check_restore", "check_stored",
+           "LIST_ABOVE_CHUNKS"]
 
 LIST_ABOVE_CHUNKS = 4096
 
@@ -58,7 +59,9 @@ def check_restore(storage, where: str, metadata, plans: dict) -> None:
       storage: the checkpoint's storage.
       where: the checkpoint's path, for messages.
       metadata: its `CheckpointMetadata`.
-      plans: {array path: (sharding or None, reads)} as from `plan_read`.
+      plans: {array path: (sharding or None, reads)} as from `plan_read`; the
+        stored side of packed arrays is their packed file's (`_packing.restore` checks
+        it with `check_stored`).
 
     Raises:
       CorruptCheckpointError: naming the array, what it declares and what was found.
@@ -75,13 +78,22 @@ def check_restore(storage, where: str, metadata, plans: dict) -> None:
                 f"needs {largest * meta.dtype.itemsize} bytes in one piece of this "
                 f"process, more than this host's {limit} bytes of memory; refusing to read"
             )
-        if chunk_nbytes(meta) > limit:
-            raise CorruptCheckpointError(
-                f"Array {path!r} in {where}: declares chunks of {list(meta.chunk_shape)} "
-                f"{meta.dtype.name} ({chunk_nbytes(meta)} bytes each), more than this "
-                f"host's {limit} bytes of memory; refusing to read it"
-            )
-        check_chunk_files(storage, path, meta, where)
+        if not (metadata.packed and metadata.packed.holds(path)):
+            check_stored(storage, path, meta, where)
+
+
+def check_stored(storage, name: str, meta: ArrayMetadata, where: str) -> None:
+    """Refuses a stored array (a saved array's, or a packed file's) whose chunks could
+    not be decoded in this host's memory, or whose chunk grid has more chunks than files
+    exist; ``name`` is what messages call it."""
+    limit = memory_limit()
+    if chunk_nbytes(meta) > limit:
+        raise CorruptCheckpointError(
+            f"Array {name!r} in {where}: declares chunks of {list(meta.chunk_shape)} "
+            f"{meta.dtype.name} ({chunk_nbytes(meta)} bytes each), more than this "
+            f"host's {limit} bytes of memory; refusing to read it"
+        )
+    check_chunk_files(storage, name, meta, where)
 
 
 def check_chunk_files(storage, name: str, meta: ArrayMetadata, where: str) -> None:

@@ -514,7 +514,7 @@ def _read_arrays(
         plans[path] = plan_read(path, meta, target)
     packed = {p: plans[p] for p in plans if metadata.packed and metadata.packed.holds(p)}
     unpacked = {p: plan for p, plan in plans.items() if p not in packed}
-    check_restore(storage, directory, metadata, unpacked)  # before anything is allocated
+    check_restore(storage, directory, metadata, plans)  # before anything is allocated
     restored = _packing.restore(storage, metadata, packed, directory)
     opened = {
         path: tsio.open_for_read(

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from . import _tensorstore as tsio
+from ._bounds import check_stored
 from ._metadata import ArrayMetadata, dtype_from_name
 from ._paths import check_storage_path
 from ._storage import LocalStorage
@@ -417,6 +418,11 @@ def restore(storage, metadata, plans: dict, directory: str) -> dict[str, Any]:
     # 2. Every read in flight together, in pieces; `data` fills in as they arrive.
     reads = []  # (packed name, lo, hi, future, block), in the order they are awaited
     for name in sorted(wanted):
+        try:  # before anything is allocated for it
+            check_stored(storage, name, table.arrays[name].meta, directory)
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(
+                f"Packed {_list(_names_in(table, name, None))}, in {name!r}: {e}") from e
         array = _result(tsio.open_for_read(storage.kvstore_spec(_inside(storage, name)),
                                            table.arrays[name].meta), table, name, None,
                         directory)

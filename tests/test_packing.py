@@ -307,6 +307,34 @@ def test_hostile_packed_tables_are_refused(saved, edit, message):
     assert not verify(path).ok
 
 
+@pytest.mark.parametrize("chunk_size, restored, message", [
+    (2**36, "first", r"packed/p0/float32.*declares chunks of \[68719476736\]"),
+    (2**18, "first", r"packed/p0/float32.*only 1 chunk files exist"),
+    (2**18, "last", r"needs 274877889280 bytes in one piece")],
+    ids=["one_huge_chunk", "huge_grid", "huge_member"])
+def test_a_crafted_huge_packed_file_is_refused_before_reading(tmp_path, chunk_size, restored,
+                                                             message):
+    """A signed table may claim a packed file of 2**36 elements and a member array that
+    fills it; a restore of that member or of any other in the file must refuse it from
+    the declared sizes and the chunk files that exist, before TensorStore allocates (a
+    failed C++ allocation aborts the process)."""
+    path = str(tmp_path / "ckpt")
+    dcheckpoint.save_pytree(path, {f"a{i}": np.arange(64, dtype=np.float32) for i in range(70)})
+    file = os.path.join(path, "dcheckpoint.json")
+    doc = json.load(open(file))
+    packed = doc["checkpoint"]["packed"]
+    name = next(k for k in packed if k.endswith("float32"))
+    packed[name].update(size=2**36, chunk_size=chunk_size)
+    array, offset, _ = packed[name]["members"][-1]
+    meta = doc["checkpoint"]["arrays"][array]
+    meta["shape"] = meta["chunk_shape"] = [2**36 - offset]
+    doc["sha256"] = _digest(doc["checkpoint"])
+    json.dump(doc, open(file, "w"))
+    wanted = array if restored == "last" else packed[name]["members"][0][0]
+    with pytest.raises(dcheckpoint.CorruptCheckpointError, match=message):
+        dcheckpoint.restore_pytree(path, {wanted: None})
+
+
 def test_processes_packing_with_different_limits_is_a_coordination_error(tmp_path):
     values = _values()
     plan = _engine.plan_save(values, is_coordinator=True)
