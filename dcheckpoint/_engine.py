@@ -5,7 +5,8 @@ Save protocol: two agreement steps (``_comm.agree``: one small gather and one
 broadcast each), so the coordination cost grows with the processes, not the bytes.
 
 1. (all) agree on the save's identity: the target path, the array table's digest, the
-   compression and which agreement of the job this is. (coordinator) if every process
+   compression, a digest per key of the caller's metadata dict and which agreement of
+   the job this is. (coordinator) if every process
    names the same save, choose a save id; otherwise every process raises the same
    CoordinationError naming who disagreed on what, and nothing is written.
 2. (all) write the chunks this process owns (replica 0 shards) into the staging
@@ -199,7 +200,8 @@ def write_and_commit(
     try:
         target = open_storage(directory, timeout_secs=timeout)  # bounds storage waits too
         identity = {"path": target.path, "arrays": len(plan.arrays),
-                    "table": _table_digest(plan), "compression": options.compression}
+                    "table": _table_digest(plan), "compression": options.compression,
+                    "metadata": _metadata_digests(user_metadata)}
     except Exception as e:  # reported by the coordinator, on every process
         target, identity = None, {"error": f"process {comm.process_index}: {_describe(e)}"}
     save_id = agree(comm, identity, _decide_save_id, kind="save",
@@ -262,7 +264,18 @@ def _decide_save_id(identities: list[dict]) -> str:
 
 _IDENTITY_FIELDS = {"path": "the checkpoint path", "arrays": "the number of arrays",
                     "table": "the array table (paths, shapes, dtypes)",
-                    "compression": "the compression"}
+                    "compression": "the compression",
+                    "metadata": "the metadata dict (save(metadata=...))"}
+
+
+def _metadata_digests(user_metadata: dict | None) -> dict | None:
+    """A short digest per top-level key of the caller's metadata: compared across
+    processes (only the coordinator's dict is stored, so ranks that computed different
+    values must not pass silently), small to send, and it names the keys that differ."""
+    if user_metadata is None:
+        return None
+    return {key: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+            for key, value in user_metadata.items()}
 
 
 def _disagreement(identities: list[dict]) -> str:
@@ -271,8 +284,21 @@ def _disagreement(identities: list[dict]) -> str:
     for field, what in _IDENTITY_FIELDS.items():
         groups: dict[str, list[int]] = {}
         for process, identity in enumerate(identities):
-            groups.setdefault(json.dumps(identity.get(field)), []).append(process)
-        if len(groups) > 1:
+            value = identity.get(field)
+            if field == "metadata":  # which keys each process has, not their digests
+                value = None if value is None else sorted(value)
+            groups.setdefault(json.dumps(value), []).append(process)
+        if field == "metadata" and len(groups) == 1 and len(
+                {json.dumps(i.get(field), sort_keys=True) for i in identities}) > 1:
+            keys = sorted({k for i in identities for k in (i.get(field) or {})
+                           if len({(j.get(field) or {}).get(k) for j in identities}) > 1})
+            alike: dict[str, list[int]] = {}
+            for process, identity in enumerate(identities):
+                alike.setdefault(json.dumps(identity.get(field), sort_keys=True),
+                                 []).append(process)
+            parts.append(f"{what} (different values for keys {keys}: processes "
+                         f"{' vs '.join(str(p) for p in alike.values())})")
+        elif len(groups) > 1:
             values = ", ".join(f"processes {procs}: {value}" for value, procs in groups.items())
             parts.append(f"{what} ({values})")
     return (

@@ -393,9 +393,10 @@ class CheckpointManager(ManagerExtras):
             and retention runs after the background commit.
           metadata: a small JSON dict stored in the checkpoint (metrics, config hash,
             ...), with ``"step"`` (the checkpoint number) added unless given;
-            ``read_metadata(path).user_metadata`` reads it back. Pass the same dict on
-            every process: the coordinator's is stored, and ``best_fn`` must rank
-            alike everywhere.
+            ``read_metadata(path).user_metadata`` reads it back. Every process must
+            pass the same dict (one is stored, and ``best_fn`` ranks by it): processes
+            whose dicts differ all raise `CoordinationError` naming the keys, and
+            nothing is written.
 
         Returns:
           The checkpoint's path, or None when the interval said not yet.

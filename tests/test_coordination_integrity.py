@@ -53,6 +53,21 @@ def test_processes_making_different_kinds_of_call_raise_the_same_error(tmp_path)
     assert [r["after"] for r in out] == [str(tmp_path / "after")] * 2
 
 
+def test_processes_passing_different_metadata_raise_and_commit_nothing(tmp_path):
+    # Only the coordinator's dict would be stored (and ranked by best_fn): a rank that
+    # computed another loss must not pass silently.
+    out = results(run_launch(WORKER, "metadata", tmp_path, processes=2,
+                             devices_per_process=1, timeout=120))
+    assert out[0]["error"] == out[1]["error"]
+    assert out[0]["type"] == out[1]["type"] == "CoordinationError"
+    assert ("they disagree on the metadata dict (save(metadata=...)) (different values "
+            "for keys ['host', 'loss']: processes [0] vs [1])") in out[0]["error"]
+    for r in out:  # ckpt-1 was never written; the next save, alike on both, commits
+        assert r["steps"] == [2]
+        assert r["listing"] == ["checkpoint", "ckpt-2"]
+        assert r["stored"] == {"step": 2, "lr": 0.1, "loss": 0.5}
+
+
 def test_an_old_reader_of_an_overwritten_checkpoint_gets_a_clear_error(tmp_path):
     path = str(tmp_path / "ckpt-5")
     dcheckpoint.save_pytree(path, {"w": np.full(4, 1, np.int32)})

@@ -2,6 +2,7 @@
 
 usage: agree_worker.py paths DIR
        agree_worker.py kinds DIR
+       agree_worker.py metadata DIR
        agree_worker.py alone DIR RANK mpi|jax first|later
 Prints ``RESULT {json}`` per rank.
 """
@@ -66,6 +67,17 @@ elif mode == "kinds":
             checkpoint, os.path.join(directory, "run"), max_to_keep=1))
     after = dcheckpoint.save_pytree(os.path.join(directory, "after"), tree)
     report(type=kind, error=error, after=after)
+elif mode == "metadata":
+    # Each rank passes its own (unreduced) loss: only one dict could be stored.
+    step = dcheckpoint.Variable(np.int32(1))
+    manager = dcheckpoint.CheckpointManager(dcheckpoint.Checkpoint(step=step), directory,
+                                            max_to_keep=3)
+    kind, error = failure(lambda: manager.save(
+        checkpoint_number=1, metadata={"lr": 0.1, "loss": 0.5 + RANK, "host": f"h{RANK}"}))
+    committed = manager.save(checkpoint_number=2, metadata={"lr": 0.1, "loss": 0.5})
+    report(type=kind, error=error, steps=manager.all_steps(), committed=committed,
+           stored=dcheckpoint.read_metadata(committed).user_metadata,
+           listing=sorted(n for n in os.listdir(directory) if not n.startswith(".")))
 else:
     alone, kind, when = int(sys.argv[3]), sys.argv[4], sys.argv[5]
     comm = _comm.JaxDistributedCommunicator() if kind == "jax" else None
