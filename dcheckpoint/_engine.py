@@ -769,11 +769,10 @@ class _Restore:
 
         A copy to an accelerator (pageable host memory to the device: 27.6 GB/s on an
         H200 host, issue 18, so ~10 ms per 256 MiB) runs on the transfer thread, so the
-        reads of the next
-        slices start meanwhile (4 GiB onto an H200: 2.70 s best of 4 against 2.98 s
-        with the copy inline). Its buffer counts in `held` until the copy is done, and
-        at most two copies wait, so host memory stays within the window's bound. On
-        CPU the device adopts the buffer: no copy, done here.
+        reads of the next slices start meanwhile (4 GiB onto an H200: 2.70 s best of 4
+        against 2.98 s with the copy inline). Its buffer counts in `held` until the
+        copy is done, and at most two copies wait, so host memory stays within the
+        window's bound. On CPU the device adopts the buffer: no copy, done here.
         """
         path, read = target.path, target.read
         sharding, left = self.targets[path]
