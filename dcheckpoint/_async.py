@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from ._comm import default_communicator, submit
-from ._engine import plan_save, snapshot, write_and_commit
+from ._engine import plan_save, save_failed_here, snapshot, write_and_commit
 from ._log import log_save
 from ._options import CheckpointOptions, run_write_callbacks
 
@@ -63,9 +63,12 @@ class Saver:
         self.sync()
         started = time.perf_counter()
         comm = default_communicator()
-        plan = plan_save(arrays, is_coordinator=comm.is_coordinator)
-        if options.enable_async:
-            plan = snapshot(plan)
+        try:
+            plan = plan_save(arrays, is_coordinator=comm.is_coordinator)
+            if options.enable_async:
+                plan = snapshot(plan)
+        except Exception as e:
+            save_failed_here(directory, e, comm=comm, options=options)
 
         def run() -> str:
             path = write_and_commit(directory, plan, object_graph=object_graph,

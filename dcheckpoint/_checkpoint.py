@@ -422,6 +422,9 @@ class Checkpoint(AutoTrackable):
     def save(self, file_prefix: str, options=None, *, metadata=None) -> str:
         """Increments ``save_counter`` and writes ``f"{file_prefix}-{save_counter}"``.
 
+        A save that raises (on every process: see `_engine.save_failed_here`) leaves
+        ``save_counter`` as it was, so the processes keep counting alike.
+
         Once committed, the checkpoint is recorded as the latest in the directory's
         state file (``checkpoint``, written by the coordinator), so
         ``latest_checkpoint(dirname(file_prefix))`` finds it, as TF's ``save`` does. No
@@ -433,12 +436,23 @@ class Checkpoint(AutoTrackable):
         Returns:
           The checkpoint path, to pass to ``restore``.
         """
-        check_user_metadata(metadata)  # before the counter moves: a refused save changes nothing
         counter = self.save_counter
-        counter.assign(np.asarray(counter.value) + 1)
+        try:  # before the counter moves: a refused save changes nothing
+            check_user_metadata(metadata)
+        except Exception as e:  # the other processes are (or will be) in the save
+            _engine.save_failed_here(f"{file_prefix}-{int(np.asarray(counter.value)) + 1}",
+                                     e, options=options)
+        before = np.asarray(counter.value)
+        counter.assign(before + 1)
         path = f"{file_prefix}-{int(np.asarray(counter.value))}"
-        return self.write(path, options, on_commit=_record_latest,
-                          metadata=metadata)
+        try:
+            return self.write(path, options, on_commit=_record_latest, metadata=metadata)
+        except Exception:
+            # Nothing was saved, on any process (a save fails everywhere or nowhere), so
+            # every process takes the count back alike; a process that failed before the
+            # counter moved (above) keeps the same count as the others.
+            counter.assign(before)
+            raise
 
     def write(self, file_prefix: str, options=None, *, on_commit=None, metadata=None) -> str:
         """Writes one checkpoint at exactly ``file_prefix``; ``save_counter`` is untouched.
@@ -456,8 +470,11 @@ class Checkpoint(AutoTrackable):
         Raises:
           ValueError: ``metadata`` is not JSON or over 64 KiB (nothing is written).
         """
-        user_metadata = check_user_metadata(metadata)
-        arrays, graph = flatten(self._dc_top())
+        try:
+            user_metadata = check_user_metadata(metadata)
+            arrays, graph = flatten(self._dc_top())
+        except Exception as e:  # the other processes are (or will be) in the save
+            _engine.save_failed_here(file_prefix, e, options=options)
         if SAVE_COUNTER in arrays:
             # A host value: written once by the coordinator, whatever device holds it.
             arrays[SAVE_COUNTER] = np.asarray(arrays[SAVE_COUNTER])

@@ -45,7 +45,7 @@ import socket
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
@@ -77,8 +77,8 @@ from .errors import (
     CorruptCheckpointError,
 )
 
-__all__ = ["save_arrays", "plan_save", "snapshot", "write_and_commit", "read_metadata",
-           "restore_arrays", "is_committed"]
+__all__ = ["save_arrays", "plan_save", "save_failed_here", "snapshot", "write_and_commit",
+           "read_metadata", "restore_arrays", "is_committed"]
 
 
 @_gc_paused
@@ -102,12 +102,38 @@ def save_arrays(
     """
     started = time.perf_counter()
     comm = comm or default_communicator()
-    plan = plan_save(arrays, is_coordinator=comm.is_coordinator)
+    try:
+        plan = plan_save(arrays, is_coordinator=comm.is_coordinator)
+    except Exception as e:
+        save_failed_here(directory, e, comm=comm, options=options)
     path = run_ordered(lambda: write_and_commit(
         directory, plan, object_graph=object_graph, options=options, comm=comm))
     seconds = time.perf_counter() - started
     log_save(path, sum(m.nbytes for m in plan.arrays.values()), seconds, seconds)
     return path
+
+
+def save_failed_here(directory: str, error: Exception, *, comm: Communicator | None = None,
+                     options: CheckpointOptions | None = None) -> NoReturn:
+    """Joins the save's first collective with this process's failure, then raises it.
+
+    A save that fails here before its first collective (an unsupported leaf, metadata
+    JSON cannot hold, a tree another process does not have) must still take its place
+    in the save's identity step: otherwise the other processes wait in it until the
+    timeout and then find the job out of step. So this process reports the failure
+    there, every process raises the same `CheckpointError` naming it at once, nothing
+    is written, and the job stays in step; here ``error`` itself is raised.
+    """
+    comm = comm or default_communicator()
+    timeout = (options or CheckpointOptions()).timeout_secs
+    identity = {"error": f"process {comm.process_index}: {_describe(error)}"}
+    try:
+        run_ordered(lambda: agree(comm, identity, _decide_save_id, kind="save",
+                                  tag=f"save identity of {directory!r}",
+                                  timeout_secs=timeout))
+    except CheckpointError:
+        pass  # what every other process now raises; the caller gets its own error
+    raise error
 
 
 @_gc_paused

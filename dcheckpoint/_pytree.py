@@ -19,7 +19,7 @@ from jax.tree_util import SequenceKey
 
 from mesh import Mesh
 
-from ._engine import read_metadata, restore_arrays, save_arrays
+from ._engine import read_metadata, restore_arrays, save_arrays, save_failed_here
 from ._gc import paused as _gc_paused
 from ._log import log_restore
 from ._metadata import ArrayMetadata, CheckpointMetadata
@@ -97,12 +97,16 @@ def save_pytree(
       ValueError: a leaf is None or of an unsupported type (a CheckpointMismatchError
         naming it and what is supported).
     """
-    named, _ = _flatten(tree)
-    none_leaves = [k for k, v in named.items() if v is None]
-    if none_leaves:
-        raise ValueError(f"save_pytree: leaves {none_leaves[:5]} are None; nothing to save")
-    named = {k: _savable(k, v) for k, v in named.items()}
-    graph = {"kind": "pytree", "leaves": sorted(named), "containers": _container_kinds(tree)}
+    try:
+        named, _ = _flatten(tree)
+        none_leaves = [k for k, v in named.items() if v is None]
+        if none_leaves:
+            raise ValueError(f"save_pytree: leaves {none_leaves[:5]} are None; nothing to save")
+        named = {k: _savable(k, v) for k, v in named.items()}
+        graph = {"kind": "pytree", "leaves": sorted(named),
+                 "containers": _container_kinds(tree)}
+    except Exception as e:  # the other processes are (or will be) in the save: tell them
+        save_failed_here(path, e, options=options)
     return save_arrays(path, named, object_graph=graph, options=options)
 
 

@@ -3,6 +3,7 @@
 usage: agree_worker.py paths DIR
        agree_worker.py kinds DIR
        agree_worker.py metadata DIR
+       agree_worker.py failed_here DIR
        agree_worker.py alone DIR RANK mpi|jax first|later
 Prints ``RESULT {json}`` per rank.
 """
@@ -78,6 +79,30 @@ elif mode == "metadata":
     report(type=kind, error=error, steps=manager.all_steps(), committed=committed,
            stored=dcheckpoint.read_metadata(committed).user_metadata,
            listing=sorted(n for n in os.listdir(directory) if not n.startswith(".")))
+elif mode == "failed_here":
+    # Rank 1 fails before the save's first collective; rank 0 is already in it (with the
+    # default 600 s timeout: waiting it out would outlast the test's 120 s).
+    def caught(call) -> list:
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001 (the type is the result)
+            return [type(error).__name__, str(error)]
+        return [None, None]
+
+    leaf = object() if RANK == 1 else np.ones(4, np.float32)  # not a savable leaf on 1
+    pytree = caught(lambda: dcheckpoint.save_pytree(os.path.join(directory, "tree"),
+                                                    {"w": np.ones(8, np.float32), "x": leaf}))
+    checkpoint = dcheckpoint.Checkpoint(w=dcheckpoint.Variable(np.ones(8, np.float32)))
+    metadata = {"seen": {1, 2}} if RANK == 1 else {"seen": [1, 2]}  # a set: not JSON
+    written = caught(lambda: checkpoint.write(os.path.join(directory, "ckpt"),
+                                              metadata=metadata))
+    saved = caught(lambda: checkpoint.save(os.path.join(directory, "run/ckpt"),
+                                           metadata=metadata))
+    after = dcheckpoint.save_pytree(os.path.join(directory, "after"),
+                                    {"w": np.ones(8, np.float32)})
+    report(pytree=pytree, written=written, saved=saved, after=after,
+           counter=int(checkpoint.save_counter.value),
+           listing=sorted(os.listdir(directory)))
 else:
     alone, kind, when = int(sys.argv[3]), sys.argv[4], sys.argv[5]
     comm = _comm.JaxDistributedCommunicator() if kind == "jax" else None
