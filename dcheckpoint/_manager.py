@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 
-from . import errors
+from . import _engine, errors
 from ._best import check_best_fn, metric_of
 from ._comm import agree, default_communicator, error_kind, run_ordered
 from ._lock import DirectoryLock
@@ -406,11 +406,28 @@ class CheckpointManager(ManagerExtras):
             number; nothing was saved.
           SystemExit: with ``save_on_preemption``, after the preemption save committed.
         """
-        metadata = check_user_metadata(metadata)
-        self._check_metric(checkpoint_number, metadata)
-        preempted = self._check_preemption(checkpoint_number)
+        refused = None
+        try:
+            metadata = check_user_metadata(metadata)
+            self._check_metric(checkpoint_number, metadata)
+        except Exception as e:  # raised below, where the other processes learn of it
+            refused = e
+        preempted = self._check_preemption(checkpoint_number)  # collective: every call
+        before = (self._last_checkpoint_step, _evaluate(self._checkpoint.save_counter))
         number = self._next_number(checkpoint_number, check_interval and not preempted)
-        path = None if number is None else self._write(number, options, metadata)
+        try:
+            if refused is not None and number is None:
+                raise refused  # nobody saves at this call: nothing to tell the others
+            if refused is not None:
+                _engine.save_failed_here(f"{self._prefix}-{number}", refused,
+                                         options=options)
+            path = None if number is None else self._write(number, options, metadata)
+        except Exception:
+            # Nothing was saved, on any process: every process takes back the interval
+            # clock and the counter alike, so they keep numbering saves the same way.
+            self._last_checkpoint_step = before[0]
+            self._checkpoint.save_counter.assign(before[1])
+            raise
         if preempted:
             self._exit_preempted(path)
         return path

@@ -69,20 +69,23 @@ def test_processes_passing_different_metadata_raise_and_commit_nothing(tmp_path)
 
 
 def test_a_save_failing_on_one_process_before_its_collectives_fails_everywhere(tmp_path):
-    # An unsupported leaf, then metadata JSON cannot hold, on rank 1 only: rank 1 gets
-    # its own error, rank 0 (already in the save) the same failure at once instead of
-    # a 600 s wait and a job out of step; nothing is written and the next save commits.
+    # An unsupported leaf, then metadata JSON cannot hold (write, save, a manager's
+    # save), on rank 1 only: rank 1 gets its own error, rank 0 (already in the save)
+    # the same failure at once instead of a 600 s wait and a job out of step; nothing
+    # is written, the counters stay alike and the next save commits.
     out = results(run_launch(WORKER, "failed_here", tmp_path, processes=2,
                              devices_per_process=1, timeout=120))
-    for call in ("pytree", "written", "saved"):
+    for call in ("pytree", "written", "saved", "managed"):
         kind, message = out[1][call]
         assert kind in ("ValueError", "CheckpointMismatchError"), (call, message)
         assert out[0][call] == ["CheckpointError", f"Cannot save: process 1: {kind}: {message}"]
     assert "'x'" in out[1]["pytree"][1] and "seen" in out[1]["written"][1]
     for r in out:
-        assert r["listing"] == ["after"]
         assert r["counter"] == 0  # the refused save() did not move save_counter
         assert r["after"] == str(tmp_path / "after")
+        # The manager's refused save took its number back on both ranks: the next is 1.
+        assert r["resumed"] == str(tmp_path / "run" / "ckpt-1") and r["steps"] == [1]
+        assert r["listing"] == ["after", "run"]
 
 
 def test_an_old_reader_of_an_overwritten_checkpoint_gets_a_clear_error(tmp_path):

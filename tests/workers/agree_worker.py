@@ -100,8 +100,13 @@ elif mode == "failed_here":
                                            metadata=metadata))
     after = dcheckpoint.save_pytree(os.path.join(directory, "after"),
                                     {"w": np.ones(8, np.float32)})
-    report(pytree=pytree, written=written, saved=saved, after=after,
-           counter=int(checkpoint.save_counter.value),
+    counter = int(checkpoint.save_counter.value)
+    manager = dcheckpoint.CheckpointManager(checkpoint, os.path.join(directory, "run"),
+                                            max_to_keep=2)
+    managed = caught(lambda: manager.save(metadata=metadata))
+    resumed = manager.save(metadata={"seen": [1, 2]})  # alike: numbered 1 on both
+    report(pytree=pytree, written=written, saved=saved, managed=managed, after=after,
+           counter=counter, resumed=resumed, steps=manager.all_steps(),
            listing=sorted(os.listdir(directory)))
 else:
     alone, kind, when = int(sys.argv[3]), sys.argv[4], sys.argv[5]
