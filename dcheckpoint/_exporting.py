@@ -147,25 +147,40 @@ class ExportingCheckpointManager(CheckpointManager):
     def save(self, checkpoint_number=None, check_interval=True, options=None, *,
              metadata=None) -> str | None:
         """Exports artifact ``N``, then saves checkpoint ``N``; see CheckpointManager.save."""
-        metadata = check_user_metadata(metadata)  # refused before the export, too
-        self._check_metric(checkpoint_number, metadata)
+        refused = None
+        try:  # refused before the export, too
+            metadata = check_user_metadata(metadata)
+            self._check_metric(checkpoint_number, metadata)
+        except Exception as e:  # raised in the export's first step, which every process joins
+            refused = e
+        before = self._numbering()
         number = self._next_number(checkpoint_number, check_interval)
         if number is None:
+            if refused is not None:
+                raise refused  # nobody exports or saves at this call
             return None
-        self._checkpoint.sync()  # an earlier async save's failure is raised before exporting
-        artifact = self._export(number, options or CheckpointOptions())
+        try:
+            self._checkpoint.sync()  # an earlier async save's failure is raised first
+            artifact = self._export(number, options or CheckpointOptions(), refused)
+        except Exception:
+            self._take_back(before)
+            if refused is not None:
+                raise refused from None  # the others raise the export error naming it
+            raise
         try:
             return self._write(number, options, metadata)
         except Exception:
-            # Every process raises the same save error (a planning error is the same
-            # everywhere too); artifact N must not outlive the
+            # Every process raises the same save error (see _engine.save_failed_here);
+            # artifact N must not outlive the
             # checkpoint it belongs to. (An async save that fails later is caught by the
             # next manager's start, in _remove_leftovers.)
             if self._comm.is_coordinator:
                 _delete_savedmodel(artifact)
+            self._take_back(before)
             raise
 
-    def _export(self, number: int, options: CheckpointOptions) -> str:
+    def _export(self, number: int, options: CheckpointOptions,
+                refused: Exception | None = None) -> str:
         """Writes one artifact (all processes; small files and commit: coordinator).
 
         The function is exported here, on the caller's thread; writing it is two
@@ -175,6 +190,8 @@ class ExportingCheckpointManager(CheckpointManager):
         """
         path = os.path.join(self._directory, f"{self._savedmodel_name}-{number}")
         try:
+            if refused is not None:  # this process's save was refused before the export
+                raise refused
             params = self._params_fn()
             leaves = jax.tree.leaves(params)
             exported = jax.export.export(jax.jit(self._serving_fn), platforms=self._platforms)(

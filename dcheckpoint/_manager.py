@@ -379,6 +379,17 @@ class CheckpointManager(ManagerExtras):
             checkpoint_number = _evaluate(save_counter)
         return _evaluate(checkpoint_number)
 
+    def _numbering(self) -> tuple:
+        """What `_next_number` changes: the interval clock and the save counter."""
+        return self._last_checkpoint_step, _evaluate(self._checkpoint.save_counter)
+
+    def _take_back(self, numbering: tuple) -> None:
+        """Undoes `_next_number` after a save that failed: nothing was saved, on any
+        process, so every process takes it back alike and keeps numbering saves the
+        same way."""
+        self._last_checkpoint_step = numbering[0]
+        self._checkpoint.save_counter.assign(numbering[1])
+
     def save(self, checkpoint_number=None, check_interval=True, options=None, *,
              metadata=None) -> str | None:
         """Saves a checkpoint numbered as TF's manager does, then applies retention.
@@ -413,7 +424,7 @@ class CheckpointManager(ManagerExtras):
         except Exception as e:  # raised below, where the other processes learn of it
             refused = e
         preempted = self._check_preemption(checkpoint_number)  # collective: every call
-        before = (self._last_checkpoint_step, _evaluate(self._checkpoint.save_counter))
+        before = self._numbering()
         number = self._next_number(checkpoint_number, check_interval and not preempted)
         try:
             if refused is not None and number is None:
@@ -423,10 +434,7 @@ class CheckpointManager(ManagerExtras):
                                          options=options)
             path = None if number is None else self._write(number, options, metadata)
         except Exception:
-            # Nothing was saved, on any process: every process takes back the interval
-            # clock and the counter alike, so they keep numbering saves the same way.
-            self._last_checkpoint_step = before[0]
-            self._checkpoint.save_counter.assign(before[1])
+            self._take_back(before)
             raise
         if preempted:
             self._exit_preempted(path)

@@ -70,7 +70,7 @@ def test_processes_passing_different_metadata_raise_and_commit_nothing(tmp_path)
 
 def test_a_save_failing_on_one_process_before_its_collectives_fails_everywhere(tmp_path):
     # An unsupported leaf, then metadata JSON cannot hold (write, save, a manager's
-    # save), on rank 1 only: rank 1 gets its own error, rank 0 (already in the save)
+    # save, an exporter's), on rank 1 only: rank 1 gets its own error, rank 0 (already in the save)
     # the same failure at once instead of a 600 s wait and a job out of step; nothing
     # is written, the counters stay alike and the next save commits.
     out = results(run_launch(WORKER, "failed_here", tmp_path, processes=2,
@@ -85,7 +85,17 @@ def test_a_save_failing_on_one_process_before_its_collectives_fails_everywhere(t
         assert r["after"] == str(tmp_path / "after")
         # The manager's refused save took its number back on both ranks: the next is 1.
         assert r["resumed"] == str(tmp_path / "run" / "ckpt-1") and r["steps"] == [1]
-        assert r["listing"] == ["after", "run"]
+        assert r["listing"] == ["after", "export", "run"]
+    # The exporter refuses before its export: the others fail in the export's first step.
+    kind, message = out[1]["exported"]
+    assert kind == "ValueError" and "seen" in message
+    assert out[0]["exported"] == [
+        "CheckpointError",
+        f"Exporting {str(tmp_path / 'export' / 'savedmodel-1')!r} failed: process 1: "
+        f"ValueError: {message}"]
+    for r in out:  # nothing exported or saved by the refused call; the next is number 1
+        assert r["exported_after"] == str(tmp_path / "export" / "ckpt-1")
+        assert r["export_listing"] == ["checkpoint", "ckpt-1", "savedmodel-1"]
 
 
 def test_an_old_reader_of_an_overwritten_checkpoint_gets_a_clear_error(tmp_path):

@@ -105,8 +105,18 @@ elif mode == "failed_here":
                                             max_to_keep=2)
     managed = caught(lambda: manager.save(metadata=metadata))
     resumed = manager.save(metadata={"seen": [1, 2]})  # alike: numbered 1 on both
+    exporter = dcheckpoint.ExportingCheckpointManager(
+        dcheckpoint.Checkpoint(w=dcheckpoint.Variable(np.ones(4, np.float32))),
+        os.path.join(directory, "export"), max_to_keep=2,
+        serving_fn=lambda params, x: x * params["w"], params_fn=lambda: {"w": np.ones(4)},
+        input_specs=[jax.ShapeDtypeStruct((4,), np.float32)])
+    exported = caught(lambda: exporter.save(metadata=metadata))
+    exported_after = exporter.save(metadata={"seen": [1, 2]})
     report(pytree=pytree, written=written, saved=saved, managed=managed, after=after,
-           counter=counter, resumed=resumed, steps=manager.all_steps(),
+           counter=counter, resumed=resumed, steps=manager.all_steps(), exported=exported,
+           exported_after=exported_after,
+           export_listing=sorted(n for n in os.listdir(os.path.join(directory, "export"))
+                                 if not n.startswith(".")),
            listing=sorted(os.listdir(directory)))
 else:
     alone, kind, when = int(sys.argv[3]), sys.argv[4], sys.argv[5]
