@@ -86,7 +86,8 @@ class PreemptionWatcher:
       signals: signals taken as a notice; default ``(SIGTERM,)``.
 
     Raises:
-      ValueError: called outside the main thread (Python delivers signals there only).
+      ValueError: called outside the main thread (Python delivers signals there only)
+        without JAX's preemption service, the one other way a SIGTERM is seen.
     """
 
     def __init__(self, comm: Communicator, *, timeout_secs: float,
@@ -100,10 +101,15 @@ class PreemptionWatcher:
         self.uses_jax = _jax_sync_manager_available()  # asked as one more notice source
         self._comm = _private_communicator(comm)
         if threading.current_thread() is not threading.main_thread():
-            raise ValueError(
-                "save_on_preemption installs a SIGTERM handler, which Python allows "
-                "only in the main thread; create the CheckpointManager there"
-            )
+            if not self.uses_jax:
+                raise ValueError(
+                    "save_on_preemption installs a SIGTERM handler, which Python allows "
+                    "only in the main thread; create the CheckpointManager there"
+                )
+            # JAX's own notifier keeps SIGTERM, and its sync point is a flag here.
+            logger.warning("save_on_preemption outside the main thread: SIGTERM is "
+                           "seen through JAX's preemption service only")
+            signals = ()
         for signum in signals:
             self._previous[signum] = signal.signal(signum, self._on_signal)
 

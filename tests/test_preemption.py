@@ -12,6 +12,7 @@ import gc
 import importlib.util
 import os
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -45,6 +46,42 @@ def test_a_sigterm_is_only_a_flag_until_the_next_step():
     finally:
         watcher.close()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_outside_the_main_thread_only_jax_notices_are_watched(monkeypatch):
+    from jax.experimental import multihost_utils
+
+    from dcheckpoint import _preemption
+
+    def in_a_thread(make):
+        out = {}
+        thread = threading.Thread(target=lambda: out.update(result=_caught(make)))
+        thread.start()
+        thread.join()
+        return out["result"]
+
+    before = signal.getsignal(signal.SIGTERM)
+    # Without JAX's preemption service nothing could see a SIGTERM there: refused.
+    refused = in_a_thread(lambda: PreemptionWatcher(LocalCommunicator(), timeout_secs=5))
+    assert isinstance(refused, ValueError) and "main thread" in str(refused)
+    # With it, JAX keeps SIGTERM and its sync point is the notice.
+    monkeypatch.setattr(_preemption, "_jax_sync_manager_available", lambda: True)
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                        lambda step: step == 3)
+    watcher = in_a_thread(lambda: PreemptionWatcher(LocalCommunicator(), timeout_secs=5))
+    try:
+        assert watcher.uses_jax and signal.getsignal(signal.SIGTERM) is before
+        assert [watcher.reached(s) for s in (1, 2, 3, 4)] == [False, False, True, True]
+    finally:
+        watcher.close()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def _caught(make):
+    try:
+        return make()
+    except Exception as error:  # noqa: BLE001 (the error is the result)
+        return error
 
 
 def test_save_on_preemption_saves_the_agreed_step_and_exits(tmp_path):
