@@ -440,6 +440,7 @@ class Checkpoint(AutoTrackable):
         try:  # before the counter moves: a refused save changes nothing
             check_user_metadata(metadata)
         except Exception as e:  # the other processes are (or will be) in the save
+            self._dc_saver.sync()  # as they do first: an earlier save's error wins
             _engine.save_failed_here(f"{file_prefix}-{int(np.asarray(counter.value)) + 1}",
                                      e, options=options)
         before = np.asarray(counter.value)
@@ -450,8 +451,10 @@ class Checkpoint(AutoTrackable):
         except Exception:
             # Nothing was saved, on any process (a save fails everywhere or nowhere), so
             # every process takes the count back alike; a process that failed before the
-            # counter moved (above) keeps the same count as the others.
-            counter.assign(before)
+            # counter moved (above) keeps the same count as the others. A save that
+            # committed and then failed after (on_commit, callbacks) keeps its count.
+            if not _engine.committed_anyway(path):
+                counter.assign(before)
             raise
 
     def write(self, file_prefix: str, options=None, *, on_commit=None, metadata=None) -> str:
@@ -474,6 +477,7 @@ class Checkpoint(AutoTrackable):
             user_metadata = check_user_metadata(metadata)
             arrays, graph = flatten(self._dc_top())
         except Exception as e:  # the other processes are (or will be) in the save
+            self._dc_saver.sync()  # as they do first: an earlier save's error wins
             _engine.save_failed_here(file_prefix, e, options=options)
         if SAVE_COUNTER in arrays:
             # A host value: written once by the coordinator, whatever device holds it.

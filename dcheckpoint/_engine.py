@@ -77,8 +77,8 @@ from .errors import (
     CorruptCheckpointError,
 )
 
-__all__ = ["save_arrays", "plan_save", "save_failed_here", "snapshot", "write_and_commit",
-           "read_metadata", "restore_arrays", "is_committed"]
+__all__ = ["save_arrays", "plan_save", "save_failed_here", "committed_anyway", "snapshot",
+           "write_and_commit", "read_metadata", "restore_arrays", "is_committed"]
 
 
 @_gc_paused
@@ -134,6 +134,19 @@ def save_failed_here(directory: str, error: Exception, *, comm: Communicator | N
     except CheckpointError:
         pass  # what every other process now raises; the caller gets its own error
     raise error
+
+
+def committed_anyway(path: str) -> bool:
+    """Whether a save that raised at ``path`` committed all the same (its error came from
+    an ``on_commit`` step or a write callback, which may fail on one process only).
+
+    Callers take back their save counters only for saves that did not commit: every
+    process asks the same storage, so they all decide alike.
+    """
+    try:
+        return is_committed(path)
+    except Exception:  # noqa: BLE001 (unreadable: treat as not committed)
+        return False
 
 
 @_gc_paused
@@ -686,8 +699,8 @@ class _Restore:
                 chunk = tuple(s.start // g for s, g in zip(piece, grid, strict=True))
                 target.waiting += 1
                 self.pieces.append(((len(self.targets), chunk), target, array, piece, local))
-            if target.waiting == 0:  # cannot happen for a non-empty array; be safe
-                self._finish(target)
+            if target.waiting == 0:  # a non-empty array's slice always has pieces
+                raise AssertionError(f"restore of {path!r}: a slice with nothing to read")
 
     def run(self) -> dict[str, Any]:
         window, max_reads = read_window()
@@ -814,7 +827,7 @@ class _Restore:
             may_alias=True)
         target.buffer = target.view = None
         if target.transient:
-            self._copied(wait_beyond=2)
+            self._copied(wait_beyond=1)  # so at most two wait, this one included
             self.copying.append((self.transfers.submit(put), target.nbytes))
             self.shards[path].append(self.copying[-1][0])
         else:

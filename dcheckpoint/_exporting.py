@@ -171,12 +171,13 @@ class ExportingCheckpointManager(CheckpointManager):
             return self._write(number, options, metadata)
         except Exception:
             # Every process raises the same save error (see _engine.save_failed_here);
-            # artifact N must not outlive the
-            # checkpoint it belongs to. (An async save that fails later is caught by the
-            # next manager's start, in _remove_leftovers.)
-            if self._comm.is_coordinator:
-                _delete_savedmodel(artifact)
-            self._take_back(before)
+            # artifact N must not outlive the checkpoint it belongs to, unless that
+            # committed and only a step after it failed. (An async save that fails
+            # later is caught by the next manager's start, in _remove_leftovers.)
+            if not _engine.committed_anyway(f"{self._prefix}-{number}"):
+                if self._comm.is_coordinator:
+                    _delete_savedmodel(artifact)
+                self._take_back(before)
             raise
 
     def _export(self, number: int, options: CheckpointOptions,

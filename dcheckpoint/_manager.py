@@ -384,9 +384,9 @@ class CheckpointManager(ManagerExtras):
         return self._last_checkpoint_step, _evaluate(self._checkpoint.save_counter)
 
     def _take_back(self, numbering: tuple) -> None:
-        """Undoes `_next_number` after a save that failed: nothing was saved, on any
-        process, so every process takes it back alike and keeps numbering saves the
-        same way."""
+        """Undoes `_next_number` after a save that failed without committing: nothing
+        was saved, on any process, so every process takes it back alike and keeps
+        numbering saves the same way."""
         self._last_checkpoint_step = numbering[0]
         self._checkpoint.save_counter.assign(numbering[1])
 
@@ -430,11 +430,13 @@ class CheckpointManager(ManagerExtras):
             if refused is not None and number is None:
                 raise refused  # nobody saves at this call: nothing to tell the others
             if refused is not None:
+                self._checkpoint.sync()  # as the others do first: an earlier error wins
                 _engine.save_failed_here(f"{self._prefix}-{number}", refused,
                                          options=options)
             path = None if number is None else self._write(number, options, metadata)
         except Exception:
-            self._take_back(before)
+            if number is None or not _engine.committed_anyway(f"{self._prefix}-{number}"):
+                self._take_back(before)
             raise
         if preempted:
             self._exit_preempted(path)

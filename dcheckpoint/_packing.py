@@ -417,13 +417,14 @@ def restore(storage, metadata, plans: dict, directory: str) -> dict[str, Any]:
                 parts.append((member, member.size, within, local))
             pieces.append((path, read, parts))
     # 2. Every read in flight together, in pieces; `data` fills in as they arrive.
-    reads = []  # (packed name, lo, hi, future, block), in the order they are awaited
-    for name in sorted(wanted):
-        try:  # before anything is allocated for it
+    for name in sorted(wanted):  # every packed file, before anything is read or allocated
+        try:
             check_stored(storage, name, table.arrays[name].meta, directory)
         except CorruptCheckpointError as e:
             raise CorruptCheckpointError(
                 f"Packed {_list(_names_in(table, name, None))}, in {name!r}: {e}") from e
+    reads = []  # (packed name, lo, hi, future, block), in the order they are awaited
+    for name in sorted(wanted):
         array = _result(tsio.open_for_read(storage.kvstore_spec(_inside(storage, name)),
                                            table.arrays[name].meta), table, name, None,
                         directory)
@@ -445,11 +446,16 @@ def restore(storage, metadata, plans: dict, directory: str) -> dict[str, Any]:
                      for m, _, _, _ in piece[2])
         due.setdefault(needed, []).append(piece)
     moved = _Moved(plans)
-    for i, (name, lo, hi, future, block) in enumerate(reads):
-        data[name][0].append(lo)
-        read = _result(future, table, name, (lo, hi), directory)
-        data[name][1].append(read if block is None else block)
-        moved.send(metadata, data, due.pop(i, []))
+    try:
+        for i, (name, lo, hi, future, block) in enumerate(reads):
+            data[name][0].append(lo)
+            read = _result(future, table, name, (lo, hi), directory)
+            data[name][1].append(read if block is None else block)
+            moved.send(metadata, data, due.pop(i, []))
+    except BaseException:
+        for *_, future, _ in reads:  # the failure is raised: no read outlives it
+            future.cancel()
+        raise
     return moved.arrays(metadata)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from dcheckpoint import (
     Checkpoint,
+    CheckpointError,
     CheckpointManager,
     CheckpointOptions,
     InitializationOnlyStatus,
@@ -56,10 +57,18 @@ def test_a_failing_write_callback_fails_the_save_after_the_commit(tmp_path):
     def boom(path):
         raise RuntimeError("callback failed")
 
+    checkpoint = make()
     with pytest.raises(RuntimeError, match="callback failed"):
-        make().save(tmp_path / "ckpt", options=CheckpointOptions(
+        checkpoint.save(tmp_path / "ckpt", options=CheckpointOptions(
             experimental_write_callbacks=[boom]))
     make().restore(str(tmp_path / "ckpt-1")).assert_consumed()  # committed before
+    # Committed, so it counts (a failure before the commit takes the count back).
+    assert int(checkpoint.save_counter.value) == 1
+    (tmp_path / "a_file").write_text("")  # no checkpoint directory can go under it
+    with pytest.raises(CheckpointError):
+        checkpoint.save(tmp_path / "a_file" / "ckpt")
+    assert int(checkpoint.save_counter.value) == 1
+    assert checkpoint.save(tmp_path / "ckpt") == str(tmp_path / "ckpt-2")
 
 
 def test_experimental_io_device_is_refused_with_what_to_do():
