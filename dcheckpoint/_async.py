@@ -38,6 +38,10 @@ class Saver:
 
     def __init__(self):
         self._pending: Future | None = None
+        # The last save this saver committed: a save that raised after its commit (an
+        # on_commit step or a write callback, which may fail on one process only) is
+        # still a checkpoint, and every process knows it without asking storage.
+        self.committed: str | None = None
 
     def save(
         self,
@@ -73,6 +77,7 @@ class Saver:
         def run() -> str:
             path = write_and_commit(directory, plan, object_graph=object_graph,
                                     options=options, comm=comm, user_metadata=user_metadata)
+            self.committed = path  # before the steps below, which may fail on one process
             ended = time.perf_counter()
             log_save(path, sum(m.nbytes for m in plan.arrays.values()), ended - started,
                      blocked if options.enable_async else ended - called)

@@ -453,7 +453,7 @@ class Checkpoint(AutoTrackable):
             # every process takes the count back alike; a process that failed before the
             # counter moved (above) keeps the same count as the others. A save that
             # committed and then failed after (on_commit, callbacks) keeps its count.
-            if not _engine.committed_anyway(path):
+            if not self._committed(path):
                 counter.assign(before)
             raise
 
@@ -486,6 +486,10 @@ class Checkpoint(AutoTrackable):
             file_prefix, arrays, object_graph=graph, options=options, on_commit=on_commit,
             user_metadata=user_metadata,
         )
+
+    def _committed(self, path: str) -> bool:
+        """Whether the save to ``path`` that just raised committed first (see Saver)."""
+        return self._dc_saver.committed == path
 
     def restore(self, save_path: str | None, options=None):
         """Restores a ``save`` (or ``write``) output, ``save_counter`` included.

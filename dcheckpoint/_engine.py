@@ -77,8 +77,8 @@ from .errors import (
     CorruptCheckpointError,
 )
 
-__all__ = ["save_arrays", "plan_save", "save_failed_here", "committed_anyway", "snapshot",
-           "write_and_commit", "read_metadata", "restore_arrays", "is_committed"]
+__all__ = ["save_arrays", "plan_save", "save_failed_here", "snapshot", "write_and_commit",
+           "read_metadata", "restore_arrays", "is_committed"]
 
 
 @_gc_paused
@@ -134,19 +134,6 @@ def save_failed_here(directory: str, error: Exception, *, comm: Communicator | N
     except CheckpointError:
         pass  # what every other process now raises; the caller gets its own error
     raise error
-
-
-def committed_anyway(path: str) -> bool:
-    """Whether a save that raised at ``path`` committed all the same (its error came from
-    an ``on_commit`` step or a write callback, which may fail on one process only).
-
-    Callers take back their save counters only for saves that did not commit: every
-    process asks the same storage, so they all decide alike.
-    """
-    try:
-        return is_committed(path)
-    except Exception:  # noqa: BLE001 (unreadable: treat as not committed)
-        return False
 
 
 @_gc_paused

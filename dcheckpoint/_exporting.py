@@ -174,7 +174,7 @@ class ExportingCheckpointManager(CheckpointManager):
             # artifact N must not outlive the checkpoint it belongs to, unless that
             # committed and only a step after it failed. (An async save that fails
             # later is caught by the next manager's start, in _remove_leftovers.)
-            if not _engine.committed_anyway(f"{self._prefix}-{number}"):
+            if not self._checkpoint._committed(f"{self._prefix}-{number}"):
                 if self._comm.is_coordinator:
                     _delete_savedmodel(artifact)
                 self._take_back(before)

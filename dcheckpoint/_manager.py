@@ -435,7 +435,7 @@ class CheckpointManager(ManagerExtras):
                                          options=options)
             path = None if number is None else self._write(number, options, metadata)
         except Exception:
-            if number is None or not _engine.committed_anyway(f"{self._prefix}-{number}"):
+            if number is None or not self._checkpoint._committed(f"{self._prefix}-{number}"):
                 self._take_back(before)
             raise
         if preempted:
