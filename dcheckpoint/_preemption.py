@@ -17,11 +17,11 @@ this 2-core VM under load; collecting it costs microseconds).
 Under ``jax.distributed`` JAX's preemption sync manager is asked too, every step
 (``multihost_utils.reached_preemption_sync_point``): it carries the notices only JAX
 sees (TPU maintenance events). Its answer is one more flag in our exchange, not the
-decision: when JAX's own SIGTERM path decided, it once let a CI job run 11 steps past
-a SIGTERM to the end without saving (its protocol is timing-dependent and says nothing
-when it misses). Ours is not: a notice at step k is a save at step k + 2 on
-every process, or an error on every process. Our handler replaces JAX's SIGTERM
-notifier while the watcher lives.
+decision: its protocol (a notifier thread polling each second, a key-value notice, a
+barrier, then max(step) + 1) depends on timing and says nothing when it misses, and it
+cannot tell ranks that ask at different steps. Ours is deterministic: a notice at step
+k is a save at step k + 2 on every process, or an error on every process. Our handler
+replaces JAX's SIGTERM notifier while the watcher lives.
 
 :meth:`reached` is collective: every process calls it once per step, with the same step
 number, and every process gets the same answer.
