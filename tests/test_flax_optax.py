@@ -203,18 +203,9 @@ def test_optax_state_and_nnx_state_replaced_on_checkpoint(tmp_path):
 
 
 def test_readme_flax_example_runs(tmp_path):
-    import re
-    import subprocess
-    import sys
-
     from tests.mp_util import REPO_ROOT
+    from tests.readme_example import run_readme_example
 
-    readme = (REPO_ROOT / "README.md").read_text()
-    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
-                   if "nnx.Linear" in b)
-    script = tmp_path / "example.py"
-    script.write_text(example.replace("/tmp/readme-flax", str(tmp_path)))
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300,
-                          env={"PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu"})
+    _, done = run_readme_example("nnx.Linear", tmp_path, "/tmp/readme-flax", tmp_path,
+                                 env={"PYTHONPATH": str(REPO_ROOT), "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0, done.stderr

@@ -3,9 +3,6 @@ the Orbax-style target (ShapeDtypeStructs with shardings) to restore onto a new 
 
 import json
 import os
-import re
-import subprocess
-import sys
 from typing import NamedTuple
 
 import jax
@@ -22,6 +19,7 @@ from dcheckpoint._metadata import _digest
 from dcheckpoint.errors import CorruptCheckpointError
 from mesh import Mesh
 from tests.mp_util import REPO_ROOT
+from tests.readme_example import run_readme_example
 
 
 class Pair(NamedTuple):
@@ -225,15 +223,10 @@ def test_target_from_metadata_of_a_checkpoint_matches_restore_without_target(tmp
 
 
 def test_readme_restore_flow_runs_as_written(tmp_path):
-    readme = (REPO_ROOT / "README.md").read_text()
-    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
-                   if "target_from_metadata" in b)
-    script = tmp_path / "example.py"
-    script.write_text(example.replace("/tmp/readme-pytree", str(tmp_path)))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # it emulates its own
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    _, done = run_readme_example("target_from_metadata", tmp_path, "/tmp/readme-pytree",
+                                 tmp_path, env=env)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["ndarray", "P('data', 'model')"]
 
