@@ -30,10 +30,11 @@ mode, directory = sys.argv[1:3]
 jax.devices()
 
 
-def failure(call) -> tuple[str | None, str | None]:
+def failure(call, kinds=dcheckpoint.CheckpointError) -> tuple[str | None, str | None]:
+    """(error type, message) if ``call`` raised one of ``kinds``, else (None, None)."""
     try:
         call()
-    except dcheckpoint.CheckpointError as error:
+    except kinds as error:
         return type(error).__name__, str(error)
     return None, None
 
@@ -82,35 +83,31 @@ elif mode == "metadata":
 elif mode == "failed_here":
     # Rank 1 fails before the save's first collective; rank 0 is already in it (with the
     # default 600 s timeout: waiting it out would outlast the test's 120 s).
-    def caught(call) -> list:
-        try:
-            call()
-        except Exception as error:  # noqa: BLE001 (the type is the result)
-            return [type(error).__name__, str(error)]
-        return [None, None]
+    def refused(call) -> tuple[str | None, str | None]:
+        return failure(call, Exception)  # rank 1's own error is a ValueError
 
     leaf = object() if RANK == 1 else np.ones(4, np.float32)  # not a savable leaf on 1
-    pytree = caught(lambda: dcheckpoint.save_pytree(os.path.join(directory, "tree"),
-                                                    {"w": np.ones(8, np.float32), "x": leaf}))
+    pytree = refused(lambda: dcheckpoint.save_pytree(os.path.join(directory, "tree"),
+                                                     {"w": np.ones(8, np.float32), "x": leaf}))
     checkpoint = dcheckpoint.Checkpoint(w=dcheckpoint.Variable(np.ones(8, np.float32)))
     metadata = {"seen": {1, 2}} if RANK == 1 else {"seen": [1, 2]}  # a set: not JSON
-    written = caught(lambda: checkpoint.write(os.path.join(directory, "ckpt"),
-                                              metadata=metadata))
-    saved = caught(lambda: checkpoint.save(os.path.join(directory, "run/ckpt"),
-                                           metadata=metadata))
+    written = refused(lambda: checkpoint.write(os.path.join(directory, "ckpt"),
+                                               metadata=metadata))
+    saved = refused(lambda: checkpoint.save(os.path.join(directory, "run/ckpt"),
+                                            metadata=metadata))
     after = dcheckpoint.save_pytree(os.path.join(directory, "after"),
                                     {"w": np.ones(8, np.float32)})
     counter = int(checkpoint.save_counter.value)
     manager = dcheckpoint.CheckpointManager(checkpoint, os.path.join(directory, "run"),
                                             max_to_keep=2)
-    managed = caught(lambda: manager.save(metadata=metadata))
+    managed = refused(lambda: manager.save(metadata=metadata))
     resumed = manager.save(metadata={"seen": [1, 2]})  # alike: numbered 1 on both
     exporter = dcheckpoint.ExportingCheckpointManager(
         dcheckpoint.Checkpoint(w=dcheckpoint.Variable(np.ones(4, np.float32))),
         os.path.join(directory, "export"), max_to_keep=2,
         serving_fn=lambda params, x: x * params["w"], params_fn=lambda: {"w": np.ones(4)},
         input_specs=[jax.ShapeDtypeStruct((4,), np.float32)])
-    exported = caught(lambda: exporter.save(metadata=metadata))
+    exported = refused(lambda: exporter.save(metadata=metadata))
     exported_after = exporter.save(metadata={"seen": [1, 2]})
     report(pytree=pytree, written=written, saved=saved, managed=managed, after=after,
            counter=counter, resumed=resumed, steps=manager.all_steps(), exported=exported,
