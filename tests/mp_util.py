@@ -84,3 +84,12 @@ def results(completed: subprocess.CompletedProcess, key: str = "rank") -> list[d
         found.append(value)
         start = text.find(RESULT_MARKER, end)
     return sorted(found, key=lambda result: result[key])
+
+
+def save_with_two_processes(worker, directory: str) -> str:
+    """Runs ``worker save DIR 4x2`` as 2 processes x 4 devices; checks that both ranks
+    report the committed ``directory`` and returns it (the shared saved fixture)."""
+    out = results(run_launch(worker, "save", directory, "4x2", processes=2,
+                             devices_per_process=4))
+    assert [r["path"] for r in out] == [directory, directory]
+    return directory

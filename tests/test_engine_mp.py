@@ -6,18 +6,14 @@ import os
 import pytest
 
 from tests.ckpt_files import array_dir
-from tests.mp_util import REPO_ROOT, results, run_launch
+from tests.mp_util import REPO_ROOT, results, run_launch, save_with_two_processes
 
 WORKER = REPO_ROOT / "tests" / "workers" / "engine_worker.py"
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("mp") / "ckpt")
-    out = results(run_launch(WORKER, "save", directory, "4x2", processes=2,
-                             devices_per_process=4))
-    assert [r["path"] for r in out] == [directory, directory]
-    return directory
+    return save_with_two_processes(WORKER, str(tmp_path_factory.mktemp("mp") / "ckpt"))
 
 
 def test_save_by_two_processes_writes_each_chunk_once(saved):

@@ -22,7 +22,7 @@ from dcheckpoint import _engine, _packing
 from dcheckpoint._metadata import _digest
 from dcheckpoint._verify import chunk_count, verify
 from tests.ckpt_files import array_dir
-from tests.mp_util import REPO_ROOT, results, run_launch
+from tests.mp_util import REPO_ROOT, results, run_launch, save_with_two_processes
 
 WORKER = REPO_ROOT / "tests" / "workers" / "packing_worker.py"
 
@@ -345,11 +345,7 @@ def test_processes_packing_with_different_limits_is_a_coordination_error(tmp_pat
 
 @pytest.fixture(scope="module")
 def saved_by_two(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("pack") / "ckpt")
-    out = results(run_launch(WORKER, "save", directory, "4x2", processes=2,
-                             devices_per_process=4))
-    assert [r["path"] for r in out] == [directory, directory]
-    return directory
+    return save_with_two_processes(WORKER, str(tmp_path_factory.mktemp("pack") / "ckpt"))
 
 
 def test_two_processes_each_pack_their_own_shards(saved_by_two):
