@@ -31,7 +31,6 @@ from ._manager import CheckpointManager, _iterate, _wait_for_new
 from ._options import CheckpointOptions
 from ._state_file import delete_checkpoint
 from ._storage import LocalStorage, is_url
-from ._user_metadata import check_user_metadata
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -147,12 +146,8 @@ class ExportingCheckpointManager(CheckpointManager):
     def save(self, checkpoint_number=None, check_interval=True, options=None, *,
              metadata=None) -> str | None:
         """Exports artifact ``N``, then saves checkpoint ``N``; see CheckpointManager.save."""
-        refused = None
-        try:  # refused before the export, too
-            metadata = check_user_metadata(metadata)
-            self._check_metric(checkpoint_number, metadata)
-        except Exception as e:  # raised in the export's first step, which every process joins
-            refused = e
+        # A refusal is raised in the export's first step, which every process joins.
+        metadata, refused = self._checked(checkpoint_number, metadata)
         before = self._numbering()
         number = self._next_number(checkpoint_number, check_interval)
         if number is None:

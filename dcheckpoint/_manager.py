@@ -379,6 +379,16 @@ class CheckpointManager(ManagerExtras):
             checkpoint_number = _evaluate(save_counter)
         return _evaluate(checkpoint_number)
 
+    def _checked(self, checkpoint_number, metadata) -> tuple[dict | None, Exception | None]:
+        """(the checked metadata, None), or (None, the error): a refusal is raised later,
+        where the other processes of the save learn of it (see save)."""
+        try:
+            metadata = check_user_metadata(metadata)
+            self._check_metric(checkpoint_number, metadata)
+        except Exception as e:
+            return None, e
+        return metadata, None
+
     def _numbering(self) -> tuple:
         """What `_next_number` changes: the interval clock and the save counter."""
         return self._last_checkpoint_step, _evaluate(self._checkpoint.save_counter)
@@ -417,12 +427,7 @@ class CheckpointManager(ManagerExtras):
             number; nothing was saved.
           SystemExit: with ``save_on_preemption``, after the preemption save committed.
         """
-        refused = None
-        try:
-            metadata = check_user_metadata(metadata)
-            self._check_metric(checkpoint_number, metadata)
-        except Exception as e:  # raised below, where the other processes learn of it
-            refused = e
+        metadata, refused = self._checked(checkpoint_number, metadata)
         preempted = self._check_preemption(checkpoint_number)  # collective: every call
         before = self._numbering()
         number = self._next_number(checkpoint_number, check_interval and not preempted)
