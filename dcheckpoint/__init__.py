@@ -22,6 +22,7 @@ from .errors import (
     CoordinationError,
     CoordinationTimeoutError,
     CorruptCheckpointError,
+    StaleStateWarning,
     StorageTimeoutError,
 )
 
@@ -60,5 +61,6 @@ __all__ = [
     "restore_pytree",
     "save_pytree",
     "target_from_metadata",
+    "StaleStateWarning",
     "StorageTimeoutError",
 ]

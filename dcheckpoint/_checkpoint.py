@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import os
 import time
+import warnings
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -43,12 +45,18 @@ from dcheckpoint._tracking import (
     has_identity,
     join,
     leaf_paths,
+    placeholder_paths,
     pytree_children,
     set_inner,
 )
 from dcheckpoint._user_metadata import check_user_metadata
 from dcheckpoint._variable import Variable
-from dcheckpoint.errors import CheckpointError, CheckpointMismatchError, CorruptCheckpointError
+from dcheckpoint.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    StaleStateWarning,
+)
 
 __all__ = ["Checkpoint"]
 
@@ -140,7 +148,7 @@ class _Walk:
             return self._memo[id(value)]
         node = self._source.nodes.get(ckpt_path)
         if node is None:
-            self._state.unmatched_objects.update(leaf_paths(value, cur_path))
+            self._unmatched(value, ckpt_path, cur_path)
             return value
         if kind in LEAF_KINDS:
             new = self._restore_leaf(value, kind, node, ckpt_path, cur_path)
@@ -239,9 +247,22 @@ class _Walk:
             if name in saved:
                 out.append(self.restore(child, join(ckpt_path, name), join(cur_path, name)))
             else:
-                self._state.unmatched_objects.update(leaf_paths(child, join(cur_path, name)))
+                self._unmatched(child, join(ckpt_path, name), join(cur_path, name))
                 out.append(child)
         return out
+
+    def _unmatched(self, value, ckpt_path: str, cur_path: str) -> None:
+        """Records an object the checkpoint holds nothing for; an abstract placeholder
+        there is an error, since the restore would return with it unfilled."""
+        placeholders = placeholder_paths(value, cur_path)
+        if placeholders:
+            raise CheckpointMismatchError(
+                f"{placeholders[:5]}: abstract placeholders (jax.ShapeDtypeStruct) that "
+                f"the checkpoint {self._source.directory!r} holds no value for (expected "
+                f"at {ckpt_path!r}); a restore would leave them unfilled. Give those "
+                "objects concrete initial values, or restore a checkpoint that has them"
+            )
+        self._state.unmatched_objects.update(leaf_paths(value, cur_path))
 
 
 class _ReadPlanner(_Walk):
@@ -479,6 +500,7 @@ class Checkpoint(AutoTrackable):
         except Exception as e:  # the other processes are (or will be) in the save
             self._dc_saver.sync()  # as they do first: an earlier save's error wins
             _engine.save_failed_here(file_prefix, e, options=options)
+        self._warn_if_stale()
         if SAVE_COUNTER in arrays:
             # A host value: written once by the coordinator, whatever device holds it.
             arrays[SAVE_COUNTER] = np.asarray(arrays[SAVE_COUNTER])
@@ -486,6 +508,41 @@ class Checkpoint(AutoTrackable):
             file_prefix, arrays, object_graph=graph, options=options, on_commit=on_commit,
             user_metadata=user_metadata,
         )
+
+    def _warn_if_stale(self) -> None:
+        """Warns when an immutable top-level value (a TrainState, an optax state, a
+        jax.Array) is saved again as the very object of the last save (for a NamedTuple,
+        which takes no weak reference: holding the very same arrays).
+
+        Such a value cannot change in place, so the training loop's new one lives under
+        a rebound name (``state = state.replace(...)``) and every save writes the first
+        state again. Weak references compare identities without keeping old arrays
+        alive; a freed array never matches, so a new state is never taken for stale.
+        """
+        saved = {}
+        for name, value in self._dc_top():
+            if name == SAVE_COUNTER or classify(value) not in ("pytree", "array"):
+                continue
+            try:  # the object itself where it takes a weak reference (a TrainState)
+                saved[name] = [weakref.ref(value)]
+            except TypeError:  # a NamedTuple (optax state): its arrays
+                leaves = [x for x in jax.tree.leaves(value) if isinstance(x, jax.Array)]
+                if leaves:
+                    saved[name] = [weakref.ref(x) for x in leaves]
+        previous = vars(self).get("_dc_saved_leaves", {})
+        stale = sorted(name for name, refs in saved.items()
+                       if len(previous.get(name, ())) == len(refs) and all(
+                           old() is new() for old, new in zip(previous[name], refs,
+                                                               strict=True)))
+        if stale:
+            warnings.warn(
+                f"Checkpoint attributes {stale} hold the same arrays as at the previous "
+                "save: an immutable state (TrainState, optax state, jax.Array) replaced by "
+                "a new object under a rebound name is not seen by the Checkpoint. Assign "
+                f"the new value (ckpt.{stale[0]} = new_state) before saving, or use "
+                "dcheckpoint.PytreeManager.save(step, state); ignore this if the value "
+                "really did not change", StaleStateWarning, stacklevel=3)
+        object.__setattr__(self, "_dc_saved_leaves", saved)
 
     def _committed(self, path: str) -> bool:
         """Whether the save to ``path`` that just raised committed first (see Saver)."""
@@ -527,6 +584,9 @@ class Checkpoint(AutoTrackable):
                 self._dc_set_top(name, new)
         owner = self._dc_root if isinstance(self._dc_root, AutoTrackable) else self
         source.defer_missing(owner, top, root, "", "")
+        graph = metadata.object_graph
+        if isinstance(graph, dict) and graph.get("kind") == "pytree":
+            state.unmatched_objects.discard(SAVE_COUNTER)  # save_pytree counts no saves
         log_restore(save_path, sum(metadata.arrays[p].nbytes for p in state.consumed
                                    if p in metadata.arrays),
                     time.perf_counter() - started)

@@ -581,7 +581,8 @@ def _read_arrays(
         array = _result(opened[path], path, directory) if path in opened else None
         restore.add(path, sharding, reads, array)
     restored.update(restore.run())
-    return {path: finish_read(metadata.arrays[path], sharding, restored[path])
+    return {path: finish_read(metadata.arrays[path], targets[path], sharding,
+                                restored[path])
             for path, (sharding, _) in plans.items()}
 
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcheckpoint._plan import is_key_array, python_type
+from dcheckpoint._plan import is_key_array, key_impl_name, python_type
 from dcheckpoint.errors import CheckpointMismatchError
 
 __all__ = ["leaf_target"]
@@ -52,7 +52,7 @@ def leaf_target(value, meta, ckpt_path: str, cur_path: str, host_target):
         return None, _to_python(type(value), meta), False
     shape = tuple(value.shape)
     if is_key_array(value) or meta.key_impl is not None:
-        impl = str(jax.random.key_impl(value)) if is_key_array(value) else None
+        impl = key_impl_name(value) if is_key_array(value) else None
         data = jax.eval_shape(jax.random.key_data, value) if impl else value
         if impl != meta.key_impl or tuple(data.shape) != meta.shape:
             raise mismatch(f"shape {shape} dtype {value.dtype}")
@@ -68,7 +68,8 @@ def leaf_target(value, meta, ckpt_path: str, cur_path: str, host_target):
 
 
 def _array_target(value, host_target):
-    """A jax.Array's own sharding; the host target for numpy values.
+    """A jax.Array's own sharding; an abstract target as it is; the host target for
+    numpy values.
 
     An uncommitted jax.Array (``jnp.zeros``, an optax count) is read to the host and
     comes back uncommitted (see ``_placed_like``), so jit may still move it next to
@@ -76,6 +77,8 @@ def _array_target(value, host_target):
     """
     if isinstance(value, jax.Array):
         return value.sharding if value.committed else None
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return value  # onto its sharding; without one, a jax.Array (see finish_read)
     return host_target
 
 

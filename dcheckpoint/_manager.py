@@ -191,6 +191,7 @@ class CheckpointManager(ManagerExtras):
         self._release_lock = lambda: None
         self._best_fn, self._best_mode = best_fn, best_mode
         self._metrics: dict[str, float | None] = {}  # best_fn's value per path
+        self._steps_by_path: dict[str, int | None] = {}  # saved "step"s read back
         self._save_calls = 0
         self._start()
         # After the start collective, so every process builds the watcher at one point.
@@ -413,7 +414,8 @@ class CheckpointManager(ManagerExtras):
           options: :class:`~dcheckpoint.CheckpointOptions`; async saves return at once
             and retention runs after the background commit.
           metadata: a small JSON dict stored in the checkpoint (metrics, config hash,
-            ...), with ``"step"`` (the checkpoint number) added unless given;
+            ...), with ``"step"`` (the ``step_counter``'s value, else the checkpoint
+            number) added unless given;
             ``read_metadata(path).user_metadata`` reads it back. Every process must
             pass the same dict (one is stored, and ``best_fn`` ranks by it): processes
             whose dicts differ all raise `CoordinationError` naming the keys, and
@@ -449,7 +451,8 @@ class CheckpointManager(ManagerExtras):
 
     def _write(self, number: int, options, metadata=None) -> str:
         prefix = f"{self._prefix}-{number}"
-        metadata = {"step": number, **(metadata or {})}
+        step = number if self._step_counter is None else _evaluate(self._step_counter)
+        metadata = {"step": step, **(metadata or {})}
         if self._best_fn is not None:
             metric = metric_of(self._best_fn, metadata, where=prefix)
             with self._lock:
@@ -464,6 +467,7 @@ class CheckpointManager(ManagerExtras):
             # An overwritten checkpoint moves to the end of the queue.
             self._maybe_delete.pop(save_path, None)
             self._maybe_delete[save_path] = _now()
+            self._steps_by_path.pop(save_path, None)
             self._latest_checkpoint = save_path
             victims = self._sweep()
             try:

@@ -40,31 +40,65 @@ class ManagerExtras:
     def _step_path(self, step) -> str:
         if isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise TypeError(f"step must be an int, got {step!r} ({type(step).__name__})")
-        return f"{self._prefix}-{int(step)}"
+        if self._step_counter is None:
+            return f"{self._prefix}-{int(step)}"
+        found = {s: p for p, s in self._paths_and_steps()}.get(int(step))
+        return found or f"{self._prefix}-{int(step)}"
 
     def _step_of(self, path: str | None) -> int | None:
-        match = self._step_pattern().fullmatch(os.path.basename(path or ""))
+        if path is None:
+            return None
+        if self._step_counter is not None:
+            return self._saved_step(path)
+        match = self._step_pattern().fullmatch(os.path.basename(path))
         return int(match.group(1)) if match else None
 
     def _step_pattern(self) -> re.Pattern:
         return re.compile(rf"{re.escape(self._checkpoint_name)}-(\d+)")
 
-    def all_steps(self) -> list[int]:
-        """Every committed checkpoint's number in the directory, ascending.
+    def _paths_and_steps(self) -> list[tuple[str, int]]:
+        """``(path, step)`` of every committed checkpoint in the directory, by step.
 
+        A checkpoint's name carries TF's save number; with a ``step_counter`` the
+        training step it was saved at is the ``"step"`` of its metadata (saves every
+        ``checkpoint_interval`` steps: ckpt-1, ckpt-2, ckpt-3 at steps 1, 4, 7).
+        """
+        storage = open_storage(self._directory)
+        pattern = self._step_pattern()
+        found = []
+        for name in storage.list_dir():
+            match = pattern.fullmatch(name)
+            path = storage.join(name) if match else None
+            if match and is_committed(path):
+                number = int(match.group(1))
+                found.append((path, number if self._step_counter is None
+                              else self._saved_step(path, number)))
+        return sorted(found, key=lambda item: item[1])
+
+    def _saved_step(self, path: str, number: int | None = None) -> int | None:
+        """The ``"step"`` in a checkpoint's metadata (its number if it has none)."""
+        cache = self._steps_by_path
+        if path not in cache:
+            try:
+                step = (read_metadata(path).user_metadata or {}).get("step", number)
+            except CheckpointNotFoundError:
+                return number
+            cache[path] = step if isinstance(step, int) and not isinstance(
+                step, bool) else number
+        return cache[path]
+
+    def all_steps(self) -> list[int]:
+        """Every committed checkpoint's step in the directory, ascending.
+
+        The checkpoint number, or with a ``step_counter`` the step each was saved at.
         Managed checkpoints and those kept for good by ``keep_checkpoint_every_n_hours``
         alike (unlike :attr:`checkpoints`, TF's list of the managed paths). Lists the
         directory, so it sees what is on disk now.
         """
-        storage = open_storage(self._directory)
-        pattern = self._step_pattern()
-        return sorted(
-            int(match.group(1)) for name in storage.list_dir()
-            if (match := pattern.fullmatch(name)) and is_committed(storage.join(name))
-        )
+        return [step for _, step in self._paths_and_steps() if step is not None]
 
     def latest_step(self) -> int | None:
-        """The number of :attr:`latest_checkpoint`, or None when there is none."""
+        """The step of :attr:`latest_checkpoint`, or None when there is none."""
         return self._step_of(self.latest_checkpoint)
 
     def restore(self, step, options=None):

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mesh import Layout
@@ -133,6 +134,24 @@ def is_key_array(value: Any) -> bool:
     return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
+def key_impl_name(value: Any) -> str:
+    """The PRNG implementation name of a typed key array or its ``ShapeDtypeStruct``.
+
+    ``jax.random.key_impl`` takes only concrete keys; an abstract target from
+    ``jax.eval_shape`` carries the implementation in its key dtype alone.
+    """
+    if isinstance(value, jax.Array):
+        return str(jax.random.key_impl(value))
+    return str(value.dtype._impl.name)  # jax has no public accessor for the dtype's impl
+
+
+def key_struct(data: Any, impl: str, sharding: Any = None) -> jax.ShapeDtypeStruct:
+    """The abstract key array whose key data is shaped like ``data`` (shape, dtype)."""
+    keys = jax.eval_shape(lambda d: jax.random.wrap_key_data(d, impl=impl),
+                          jax.ShapeDtypeStruct(data.shape, data.dtype))
+    return jax.ShapeDtypeStruct(keys.shape, keys.dtype, sharding=sharding)
+
+
 def python_type(value: Any) -> str | None:
     """The recorded Python type of a scalar or bytes value; None for anything else."""
     for t in (bool, int, float, complex, bytes):  # bool first: True is an int too
@@ -192,6 +211,12 @@ def _plan_jax_array(path: str, value: jax.Array) -> tuple[ArrayMetadata, list[Wr
 
 def _plan_host_value(path: str, value: Any, is_coordinator: bool):
     kind = python_type(value)
+    if isinstance(value, jax.ShapeDtypeStruct):
+        raise ValueError(
+            f"Array {path!r}: a jax.ShapeDtypeStruct is an abstract placeholder (a restore "
+            "target), not a value; restore the checkpoint into it before saving, or save "
+            "the concrete arrays"
+        )
     if kind is None and not isinstance(value, np.ndarray | np.generic | jax.Array):
         raise ValueError(
             f"Array {path!r}: a {type(value).__name__} is not an array; arrays, Python "
@@ -225,7 +250,7 @@ def plan_read(path: str, meta: ArrayMetadata, target: Any) -> tuple[Any, list[Re
     """
     if meta.key_impl is not None or is_key_array(target):
         target = _key_data_target(path, meta, target)
-    sharding, shape, dtype = _target_spec(target)
+    sharding, shape, dtype = _target_spec(path, target)
     if shape is not None and tuple(shape) != meta.shape:
         raise CheckpointMismatchError(
             f"Array {path!r}: restore target has shape {tuple(shape)}, the checkpoint "
@@ -251,14 +276,19 @@ def plan_read(path: str, meta: ArrayMetadata, target: Any) -> tuple[Any, list[Re
     return sharding, [ReadItem(path, idx, tuple(devs)) for idx, devs in by_bounds.values()]
 
 
-def finish_read(meta: ArrayMetadata, sharding: Any, array: Any) -> Any:
+def finish_read(meta: ArrayMetadata, target: Any, sharding: Any, array: Any) -> Any:
     """What the user gets for a read ``array``: keys rebuilt, Python types restored.
 
     A Python scalar (or bytes) comes back as that Python type when read onto the host
-    (no sharding); a target with a sharding asked for an array, and gets one.
+    (no sharding); a target with a sharding asked for an array, and gets one. A
+    ``jax.ShapeDtypeStruct`` without a sharding (``jax.eval_shape``'s output) stands
+    for what the abstracted function returns: an uncommitted ``jax.Array`` on the
+    default device, never host numpy.
     """
     if meta.key_impl is not None:
         return jax.random.wrap_key_data(array, impl=meta.key_impl)
+    if sharding is None and isinstance(target, jax.ShapeDtypeStruct):
+        return jnp.asarray(array)
     if sharding is None and meta.python_type is not None:
         if meta.python_type == "bytes":
             return np.asarray(array, np.uint8).tobytes()
@@ -278,7 +308,7 @@ def _key_data_target(path: str, meta: ArrayMetadata, target: Any) -> Any:
                 f"restore target is a {getattr(target, 'dtype', type(target).__name__)} value"
             )
         return target  # a sharding applies to the key data as it is (one more dim)
-    impl = str(jax.random.key_impl(target))
+    impl = key_impl_name(target)
     if meta.key_impl != impl:
         found = f"{meta.key_impl} PRNG keys" if meta.key_impl else f"dtype {meta.dtype.name}"
         raise CheckpointMismatchError(
@@ -291,7 +321,29 @@ def _key_data_target(path: str, meta: ArrayMetadata, target: Any) -> Any:
     return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
 
 
-def _target_spec(target: Any):
+def _concrete(path: str, sharding: Any) -> Any:
+    """A sharding that places data on devices.
+
+    ``jax.eval_shape`` under explicit mesh axes gives shardings over an
+    ``AbstractMesh`` (axis names and sizes, no devices); the mesh set with
+    ``jax.set_mesh`` is the one such a target means, when it has that shape.
+    """
+    mesh = getattr(sharding, "mesh", None)
+    if not isinstance(mesh, jax.sharding.AbstractMesh):
+        return sharding
+    current = jax.sharding.get_mesh()
+    if not current.empty and current.abstract_mesh == mesh:
+        return jax.sharding.NamedSharding(current, sharding.spec,
+                                          memory_kind=sharding.memory_kind)
+    raise CheckpointMismatchError(
+        f"Array {path!r}: the restore target's sharding is on an abstract mesh "
+        f"{dict(mesh.shape)} (jax.eval_shape's output under explicit axes), which names no "
+        "devices; restore inside `with jax.set_mesh(mesh):` for a mesh of that shape, or "
+        "give the target concrete shardings (jax.sharding.NamedSharding(mesh, spec))"
+    )
+
+
+def _target_spec(path: str, target: Any):
     """(sharding or None, expected shape or None, expected dtype or None)."""
     if target is None or python_type(target) is not None:
         return None, None, None  # a Python scalar target: whatever was saved, on the host
@@ -300,7 +352,7 @@ def _target_spec(target: Any):
     if isinstance(target, jax.Array):
         return target.sharding, target.shape, target.dtype
     if isinstance(target, jax.ShapeDtypeStruct):
-        return target.sharding, target.shape, target.dtype
+        return _concrete(path, target.sharding), target.shape, target.dtype
     if isinstance(target, np.ndarray | np.generic):
         return None, target.shape, target.dtype
     raise TypeError(

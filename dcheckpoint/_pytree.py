@@ -25,19 +25,35 @@ from ._log import log_restore
 from ._metadata import ArrayMetadata, CheckpointMetadata
 from ._options import CheckpointOptions
 from ._paths import join_path, unescape
-from ._tracking import CONTAINER_KINDS, GRAPH_FORMAT, check_graph, decode_state, key_name
-from ._variable import Variable
+from ._plan import key_struct
+from ._tracking import (
+    CONTAINER_KINDS,
+    GRAPH_FORMAT,
+    check_graph,
+    decode_state,
+    get_inner,
+    is_variable,
+    key_name,
+    replaced,
+)
 from .errors import CheckpointMismatchError, CorruptCheckpointError
 
 __all__ = ["save_pytree", "restore_pytree", "target_from_metadata"]
 
 _LEAF_ROOT = "value"  # the name of a tree that is a single leaf
 _MAX_ALIAS_HOPS = 64
-_SAVABLE = "jax.Array, numpy array or scalar, Python bool/int/float/complex, or Variable"
+_SAVABLE = ("jax.Array, numpy array or scalar, Python bool/int/float/complex, Variable "
+            "or flax nnx.Variable")
+
+
+def _is_leaf(x: Any) -> bool:
+    """None, and a variable: a holder of one array is named by its own path (the
+    object API's rule), not by its pytree children (``kernel/value`` of nnx)."""
+    return x is None or is_variable(x)
 
 
 def _flatten(tree: Any) -> tuple[dict[str, Any], Any]:
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
     named = {}
     for keys, leaf in leaves:
         name = join_path(key_name(k) for k in keys) or _LEAF_ROOT
@@ -54,7 +70,7 @@ def _container_kinds(tree: Any) -> dict[str, str]:
     Sequences (lists, tuples) are lists; every other node (dicts, dataclasses,
     NamedTuples, custom nodes) is a dict by child name. A tree that is one leaf has none.
     """
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)
     if treedef.num_nodes == 1 and treedef.num_leaves == 1:
         return {}
     kinds = {"": "list" if isinstance(tree, list | tuple) else "dict"}
@@ -68,8 +84,8 @@ def _container_kinds(tree: Any) -> dict[str, str]:
 
 def _savable(path: str, leaf: Any) -> Any:
     """The value saved for ``leaf``; an unsupported leaf is an error naming it."""
-    if isinstance(leaf, Variable):
-        return leaf.value
+    if is_variable(leaf):
+        return get_inner(leaf)
     if isinstance(leaf, jax.Array | np.ndarray | np.generic | bool | int | float | complex):
         return leaf
     raise CheckpointMismatchError(
@@ -84,30 +100,46 @@ def _savable(path: str, leaf: Any) -> Any:
 def save_pytree(
     path: str, tree: Any, *, options: CheckpointOptions | None = None
 ) -> str:
-    """Saves every array leaf of ``tree`` as one checkpoint at ``path``.
+    """Saves every array leaf of ``tree`` as one checkpoint at ``path``, synchronously.
 
-    Leaves are jax.Arrays (any sharding), numpy arrays, Python scalars or Variables;
-    their key paths ("params/dense/kernel", keys escaped as docs/FORMAT.md says) become
-    the array paths. Collective under multi-process.
+    Leaves are jax.Arrays (any sharding), numpy arrays, Python scalars, Variables or
+    flax ``nnx.Variable``s; their key paths ("params/dense/kernel", keys escaped as
+    docs/FORMAT.md says; a variable by its own path) become the array paths.
+    Collective under multi-process. For async saves use :class:`PytreeManager`.
 
     Returns:
       ``path``.
 
     Raises:
       ValueError: a leaf is None or of an unsupported type (a CheckpointMismatchError
-        naming it and what is supported).
+        naming it and what is supported), or ``options.enable_async`` is set.
     """
     try:
-        named, _ = _flatten(tree)
-        none_leaves = [k for k, v in named.items() if v is None]
-        if none_leaves:
-            raise ValueError(f"save_pytree: leaves {none_leaves[:5]} are None; nothing to save")
-        named = {k: _savable(k, v) for k, v in named.items()}
-        graph = {"kind": "pytree", "leaves": sorted(named),
-                 "containers": _container_kinds(tree)}
+        if options is not None and options.enable_async:
+            raise ValueError(
+                f"save_pytree({path!r}) saves synchronously and has no sync() to wait on; "
+                "for an async save use dcheckpoint.PytreeManager(directory).save(step, "
+                "tree, options=CheckpointOptions(enable_async=True)), then its sync()"
+            )
+        named, graph = pytree_arrays(tree)
     except Exception as e:  # the other processes are (or will be) in the save: tell them
         save_failed_here(path, e, options=options)
     return save_arrays(path, named, object_graph=graph, options=options)
+
+
+def pytree_arrays(tree: Any) -> tuple[dict[str, Any], dict]:
+    """``({array path: value}, object graph)`` of ``tree`` as ``save_pytree`` stores it.
+
+    Raises:
+      ValueError: a leaf is None or cannot be saved (naming it).
+    """
+    named, _ = _flatten(tree)
+    none_leaves = [k for k, v in named.items() if v is None]
+    if none_leaves:
+        raise ValueError(f"save_pytree: leaves {none_leaves[:5]} are None; nothing to save")
+    named = {k: _savable(k, v) for k, v in named.items()}
+    return named, {"kind": "pytree", "leaves": sorted(named),
+                   "containers": _container_kinds(tree)}
 
 
 @_gc_paused
@@ -116,9 +148,13 @@ def restore_pytree(path: str, target: Any = None) -> Any:
 
     Args:
       target: a pytree whose leaves say where each array goes: a jax.Array or
-        ``jax.ShapeDtypeStruct`` with a sharding (restored onto that sharding, shape and
-        dtype checked), a ``Sharding``, a numpy array, or None (host numpy). With no
-        target at all, the whole checkpoint comes back as saved (see below).
+        ``jax.ShapeDtypeStruct`` (``jax.eval_shape``'s output; typed PRNG keys too)
+        with a sharding (restored onto that sharding, shape and dtype checked; one on
+        an abstract mesh takes the mesh of ``jax.set_mesh``), a ``ShapeDtypeStruct``
+        without one (an uncommitted jax.Array on the default device), a ``Sharding``,
+        a numpy array or None (host numpy), a ``Variable`` or ``nnx.Variable`` holding
+        any of these (a new variable holds the result). With no target at all, the
+        whole checkpoint comes back as saved (see below).
     Returns:
       a pytree of the same structure holding the restored arrays. Without a target:
       host numpy arrays nested as saved, by key name: lists and tuples as lists, every
@@ -140,10 +176,13 @@ def restore_pytree(path: str, target: Any = None) -> Any:
                     time.perf_counter() - started)
         return _as_saved(metadata, values, source=str(path))
     named, treedef = _flatten(target)
+    holders = {name: leaf for name, leaf in named.items() if is_variable(leaf)}
+    named = {name: get_inner(leaf) if name in holders else leaf
+             for name, leaf in named.items()}
     aliases = {}
     if any(name not in metadata.arrays for name in named):
         aliases = _structure(metadata, str(path))[2]
-    saved = {name: _resolve(name, aliases) for name in named}
+    saved = {name: _saved_name(name, name in holders, aliases, metadata) for name in named}
     missing = sorted(name for name, s in saved.items() if s not in metadata.arrays)
     if missing:
         raise CheckpointMismatchError(
@@ -166,7 +205,22 @@ def restore_pytree(path: str, target: Any = None) -> Any:
             leaves.append(restore_arrays(path, {saved[name]: leaf}, metadata=metadata)[saved[name]])
     log_restore(path, sum(metadata.arrays[s].nbytes for s in first),
                 time.perf_counter() - started)
+    leaves = [replaced(holders[name], leaf) if name in holders else leaf
+              for name, leaf in zip(named, leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _saved_name(name: str, is_holder: bool, aliases: dict, metadata) -> str:
+    """Where the checkpoint holds the array of target leaf ``name``.
+
+    Before format 2 of the pytree naming (dcheckpoint 0.3), ``save_pytree`` named an
+    nnx Variable by its pytree child, ``kernel/value``; those checkpoints still restore.
+    """
+    saved = _resolve(name, aliases)
+    legacy = f"{saved}/value"
+    if is_holder and saved not in metadata.arrays and legacy in metadata.arrays:
+        return legacy
+    return saved
 
 
 def _check_divides(path: str, target: Any, meta: ArrayMetadata) -> None:
@@ -202,7 +256,8 @@ def target_from_metadata(
     Args:
       checkpoint: a checkpoint path, or its ``read_metadata`` result.
       sharding: where each array goes.
-        - None: no sharding (``restore_pytree`` gives host numpy arrays);
+        - None: no sharding (``restore_pytree`` gives uncommitted jax.Arrays on the
+          default device, as for any ``ShapeDtypeStruct`` without a sharding);
         - a ``jax.sharding.Sharding``: every array on it (e.g. replicated);
         - a ``mesh.Mesh`` or ``jax.sharding.Mesh``: each array split over the axes it
           was saved on, by axis name; a dimension whose axes the mesh lacks, or whose
@@ -225,8 +280,21 @@ def target_from_metadata(
                 f"Array {path!r}: the sharding rule returned a {type(chosen).__name__}, "
                 "expected a jax.sharding.Sharding or None"
             )
-        leaves[path] = jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=chosen)
+        if meta.key_impl is not None:
+            leaves[path] = key_struct(meta, meta.key_impl, _key_sharding(chosen, meta))
+        else:
+            leaves[path] = jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=chosen)
     return _as_saved(metadata, leaves, source=str(checkpoint))
+
+
+def _key_sharding(sharding, meta: ArrayMetadata):
+    """A sharding chosen for a key array's stored data, for the keys themselves: the
+    trailing key-data dimension is never sharded, so a spec over it is dropped."""
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        rank = len(meta.shape) - 1  # the key data has one more dimension than the keys
+        spec = tuple(sharding.spec)[:rank]
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+    return sharding
 
 
 def _sharding_rule(sharding) -> Callable[[str, ArrayMetadata], Any]:

@@ -56,6 +56,9 @@ __all__ = [
     "get_inner",
     "has_identity",
     "set_inner",
+    "is_variable",
+    "placeholder_paths",
+    "replaced",
     "escape",
     "flatten",
     "join",
@@ -104,18 +107,25 @@ def _nnx():
     return sys.modules.get("flax.nnx")
 
 
+def is_variable(value) -> bool:
+    """Whether ``value`` holds one array: a ``Variable`` or a flax ``nnx.Variable``."""
+    nnx = _nnx()
+    return isinstance(value, Variable) or nnx is not None and isinstance(value, nnx.Variable)
+
+
 def classify(value) -> str | None:
     """Returns the node kind of ``value``; ``"empty"`` for a pytree with no leaves
     (nothing to save), ``None`` when it cannot be checkpointed."""
     nnx = _nnx()
-    if isinstance(value, Variable) or nnx is not None and isinstance(value, nnx.Variable):
+    if is_variable(value):
         return "variable"
     if isinstance(value, AutoTrackable):
         return "trackable"
     if nnx is not None and isinstance(value, nnx.Pytree):
         return "object"
-    if isinstance(value, jax.Array | np.ndarray | np.generic) or python_type(value):
-        return "array"
+    if isinstance(value, jax.Array | jax.ShapeDtypeStruct | np.ndarray | np.generic) or (
+            python_type(value)):
+        return "array"  # a ShapeDtypeStruct is a restore target (jax.eval_shape's output)
     if value is None or isinstance(value, str):
         return "value"
     if isinstance(value, dict | MutableMapping):
@@ -149,6 +159,14 @@ def get_inner(variable):
     if isinstance(variable, Variable):
         return variable.value
     return variable.get_value()
+
+
+def replaced(variable, value):
+    """A new variable like ``variable`` holding ``value`` (for a pytree restore, which
+    builds a new tree and leaves the target's objects as they were)."""
+    if isinstance(variable, Variable):
+        return Variable(value)
+    return variable.replace(value)
 
 
 def set_inner(variable, value):
@@ -321,6 +339,45 @@ def leaf_paths(value, path: str) -> list[str]:
     return [prefix + p for p, kind, _, alias in _walk(top) if kind in LEAF_KINDS and alias is None]
 
 
+def placeholder_paths(value, path: str) -> list[str]:
+    """Paths of the abstract leaves (``jax.ShapeDtypeStruct``s, bare or in a variable)
+    reachable from ``value`` at ``path``: restore targets that must be filled."""
+    parent, _, name = path.rpartition("/")
+    prefix = f"{parent}/" if parent else ""
+    return [prefix + p for p, kind, leaf, alias in _walk([(_paths.unescape(name), value)])
+            if alias is None and kind in ARRAY_KINDS and isinstance(
+                get_inner(leaf) if kind == "variable" else leaf, jax.ShapeDtypeStruct)]
+
+
+def _pytree_nodes(graph: dict, bad) -> dict:
+    """The object graph of a ``save_pytree`` checkpoint: its leaves are arrays, its
+    recorded containers lists or dicts (dicts where none is recorded), so that a
+    ``Checkpoint`` of the same state restores it by the same names."""
+    leaves, kinds = graph.get("leaves"), graph.get("containers") or {}
+    if not (isinstance(leaves, list) and all(isinstance(p, str) and p for p in leaves)
+            and isinstance(kinds, dict)):
+        raise bad("of save_pytree must hold 'leaves' (a list of paths) and 'containers'")
+    nodes: dict[str, dict] = {"": {"kind": _list_or_dict(kinds, ""), "children": []}}
+    for path in leaves:
+        if path in nodes:
+            raise bad(f"of save_pytree has {path!r} twice, or as an array and a container")
+        parts = path.split("/")
+        for i in range(1, len(parts)):  # the containers above the leaf, top down
+            above, here = "/".join(parts[:i - 1]), "/".join(parts[:i])
+            if here not in nodes:
+                nodes[here] = {"kind": _list_or_dict(kinds, here), "children": []}
+                nodes[above]["children"].append(parts[i - 1])
+            elif "children" not in nodes[here]:
+                raise bad(f"of save_pytree has {here!r} as an array and as a container")
+        nodes["/".join(parts[:-1])]["children"].append(parts[-1])
+        nodes[path] = {"kind": "array"}
+    return nodes
+
+
+def _list_or_dict(kinds: dict, path: str) -> str:
+    return "list" if kinds.get(path) == "list" else "dict"
+
+
 def check_graph(graph: object, *, source: str) -> tuple[dict, dict]:
     """Validates an object graph read from a checkpoint; returns (nodes, aliases).
 
@@ -332,11 +389,7 @@ def check_graph(graph: object, *, source: str) -> tuple[dict, dict]:
         return CorruptCheckpointError(f"{source}: object graph {what}")
 
     if isinstance(graph, dict) and graph.get("kind") == "pytree":
-        raise CheckpointMismatchError(
-            f"{source} was written by save_pytree, which records no object graph for "
-            "Checkpoint to match; read it with dcheckpoint.restore_pytree(path, target), "
-            "or restore_pytree(path) for the tree as saved"
-        )
+        return _pytree_nodes(graph, bad), {}
     if not isinstance(graph, dict) or graph.get("format") != GRAPH_FORMAT:
         raise bad(f"format is not {GRAPH_FORMAT!r} (not written by Checkpoint, or corrupt)")
     nodes, aliases = graph.get("nodes"), graph.get("aliases")

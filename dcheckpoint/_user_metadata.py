@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import Mapping
 
+import jax
 import numpy as np
 
 __all__ = ["MAX_USER_METADATA_BYTES", "check_user_metadata"]
@@ -27,7 +28,8 @@ _MAX_DEPTH = 32
 def check_user_metadata(metadata: Mapping | None) -> dict | None:
     """A JSON-ready copy of ``metadata``: str keys; str, int, float, bool, None, lists, dicts.
 
-    numpy scalars and 0-d arrays (``float(loss)`` forgotten) become Python numbers.
+    numpy scalars and 0-d numpy or JAX arrays (``float(loss)`` forgotten) become
+    Python numbers.
 
     Raises:
       ValueError: not a mapping, a key that is not a str, a value of another type, a
@@ -55,8 +57,9 @@ def check_user_metadata(metadata: Mapping | None) -> dict | None:
 def _check(value, where: str, depth: int):
     if depth > _MAX_DEPTH:
         raise ValueError(f"Checkpoint metadata {where}: nested more than {_MAX_DEPTH} deep")
-    if isinstance(value, np.ndarray) and value.ndim == 0 or isinstance(value, np.generic):
-        value = value.item()
+    if isinstance(value, np.ndarray | jax.Array) and value.ndim == 0 or isinstance(
+            value, np.generic):
+        value = np.asarray(value).item()  # a loss from a jitted step is a 0-d jax.Array
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):

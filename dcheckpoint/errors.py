@@ -8,6 +8,7 @@ Messages name the array or path, what was expected and what was found.
 from __future__ import annotations
 
 __all__ = [
+    "StaleStateWarning",
     "CheckpointError",
     "CheckpointNotFoundError",
     "CheckpointMismatchError",
@@ -49,3 +50,9 @@ class CheckpointLockedError(CheckpointError, RuntimeError):
 
 class StorageTimeoutError(CheckpointError, TimeoutError):
     """Storage (an object store, a network filesystem) did not answer in time."""
+
+
+class StaleStateWarning(UserWarning):
+    """A ``Checkpoint`` saved an immutable attribute that has not changed since its last
+    save: usually ``state = state.replace(...)`` rebound a name, and the checkpoint still
+    holds the old object (assign the new one: ``ckpt.state = state``)."""

@@ -153,10 +153,17 @@ def test_both_apis_name_the_same_tree_the_same_way(tmp_path):
         {p: m.storage_path.split("/", 1)[1] for p, m in pytree_meta.items()}
 
 
-def test_save_pytree_checkpoint_read_by_checkpoint_points_to_restore_pytree(tmp_path):
-    path = dcheckpoint.save_pytree(str(tmp_path / "p"), {"t": {"sp ace": np.arange(2)}})
-    with pytest.raises(CheckpointMismatchError, match=r"save_pytree.*restore_pytree\(path"):
-        Checkpoint(t={"sp ace": np.zeros(2, np.int64)}).restore(path)
+def test_checkpoint_restores_a_save_pytree_checkpoint_by_the_same_names(tmp_path):
+    tree = {"t": {"sp ace": np.arange(2), "a/b": [np.arange(3), np.arange(1)]}}
+    path = dcheckpoint.save_pytree(str(tmp_path / "p"), tree)
+    target = {"sp ace": np.zeros(2, np.int64), "a/b": [np.zeros(3, np.int64),
+                                                       np.zeros(1, np.int64)]}
+    # save_pytree counts no saves: the counter is not an unmatched object.
+    Checkpoint(t=target).restore(path).assert_consumed()
+    np.testing.assert_array_equal(target["sp ace"], np.arange(2))
+    np.testing.assert_array_equal(target["a/b"][0], np.arange(3))
+    with pytest.raises(CheckpointMismatchError, match=r"'t/sp ace'.*shape \(3,\)"):
+        Checkpoint(t={"sp ace": np.zeros(3, np.int64)}).restore(path)
 
 
 def test_deferred_and_unmatched_names_are_the_users_keys(tmp_path):
