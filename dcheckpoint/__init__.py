@@ -9,6 +9,7 @@ from ._manager import CheckpointManager, checkpoints_iterator, wait_for_new_chec
 from ._metadata import ArrayMetadata, CheckpointMetadata
 from ._options import CheckpointOptions
 from ._pytree import restore_pytree, save_pytree, target_from_metadata
+from ._pytree_manager import PytreeManager
 from ._state_file import CheckpointState, get_checkpoint_state, latest_checkpoint
 from ._status import CheckpointAssertionError, CheckpointLoadStatus, InitializationOnlyStatus
 from ._tracking import AutoTrackable
@@ -36,6 +37,7 @@ __all__ = [
     "CheckpointState",
     "ExportingCheckpointManager",
     "LoadedSavedModel",
+    "PytreeManager",
     "checkpoints_iterator",
     "get_checkpoint_state",
     "latest_checkpoint",

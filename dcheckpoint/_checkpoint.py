@@ -321,6 +321,15 @@ class _Walker(_Walk):
         self._source.defer_missing(owner, items, node, ckpt_path, cur_path)
 
 
+def _open(save_path) -> tuple[str, object]:
+    """``(directory, metadata)`` to restore from: a checkpoint, or the parameters of an
+    exported artifact (TF restores a SavedModel's variables the same way)."""
+    from dcheckpoint._exporting import savedmodel_as_checkpoint  # the layer above
+
+    found = savedmodel_as_checkpoint(save_path)
+    return found if found is not None else (save_path, _engine.read_metadata(save_path))
+
+
 def _record_latest(save_path: str) -> None:
     """(coordinator) Makes ``save_path`` the directory's latest checkpoint, as TF's
     ``Checkpoint.save`` does: the state file then lists that checkpoint alone."""
@@ -573,7 +582,7 @@ class Checkpoint(AutoTrackable):
         """
         del options  # no CheckpointOptions field changes a restore (see README)
         started = time.perf_counter()
-        metadata = _engine.read_metadata(save_path)
+        save_path, metadata = _open(save_path)
         state = MatchState(checkpoint_paths=frozenset(), save_path=str(save_path))
         source = _Restorer(save_path, metadata, state, self._dc_host_target())
         state.checkpoint_paths = frozenset(metadata.arrays) | source.graph_values()

@@ -16,6 +16,7 @@ to the Python code that defined the function.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -352,6 +353,55 @@ def _read_manifest(path: str) -> dict:
     return manifest
 
 
+def _read_exported(path: str):
+    serialized = LocalStorage(path).read_bytes(FUNCTION_FILE, max_bytes=_MAX_FUNCTION_BYTES)
+    try:
+        return jax.export.deserialize(bytearray(serialized))
+    except Exception as error:  # flatbuffers raises assorted types on bad bytes
+        raise CorruptCheckpointError(
+            f"{os.path.join(path, FUNCTION_FILE)!r} is not a jax.export serialization: {error}"
+        ) from error
+
+
+def _params_tree(path: str, exported, count: int):
+    # in_tree is ((params, *inputs), {}): the first argument's structure is the params'.
+    params_tree = exported.in_tree.children()[0].children()[0]
+    if params_tree.num_leaves != count:
+        raise CorruptCheckpointError(
+            f"Artifact {path!r}: the function takes {params_tree.num_leaves} param leaves, "
+            f"the manifest lists {count}"
+        )
+    return params_tree
+
+
+def savedmodel_as_checkpoint(path) -> tuple[str, _engine.CheckpointMetadata] | None:
+    """``(params directory, its metadata with the params named by their key paths)`` of
+    a committed artifact; None when ``path`` is not one.
+
+    TF's ``Checkpoint.restore(saved_model_dir)`` loads a SavedModel's variables into
+    the objects of the same names; the params here are stored by leaf index, so the
+    key paths of the exported function's params argument give them their names
+    (``{"model": {"w": ...}}`` -> ``model/w``), under ``save_pytree``'s rule.
+    """
+    path = os.fspath(path)
+    if is_url(path) or not _is_committed_savedmodel(path):
+        return None
+    from ._pytree import pytree_arrays  # here: _pytree is above the exporter's layer
+
+    count = _read_manifest(path)["param_count"]
+    params_tree = _params_tree(path, _read_exported(path), count)
+    named, graph = pytree_arrays(jax.tree.unflatten(params_tree, [np.int8(0)] * count))
+    params_dir = os.path.join(path, PARAMS_DIR)
+    metadata = _engine.read_metadata(params_dir)
+    by_index = [metadata.arrays.get(f"params/{i}") for i in range(count)]
+    if None in by_index:
+        raise CorruptCheckpointError(
+            f"Artifact {path!r}: its params checkpoint lacks some of params/0..{count - 1}"
+        )
+    arrays = dict(zip(named, by_index, strict=True))
+    return params_dir, dataclasses.replace(metadata, arrays=arrays, object_graph=graph)
+
+
 def load_savedmodel(path) -> LoadedSavedModel:
     """Loads an artifact written by :class:`ExportingCheckpointManager`.
 
@@ -364,24 +414,11 @@ def load_savedmodel(path) -> LoadedSavedModel:
       CorruptCheckpointError: the manifest or the serialized function is malformed.
     """
     path = os.fspath(path)
-    manifest = _read_manifest(path)
-    serialized = LocalStorage(path).read_bytes(FUNCTION_FILE, max_bytes=_MAX_FUNCTION_BYTES)
-    try:
-        exported = jax.export.deserialize(bytearray(serialized))
-    except Exception as error:  # flatbuffers raises assorted types on bad bytes
-        raise CorruptCheckpointError(
-            f"{os.path.join(path, FUNCTION_FILE)!r} is not a jax.export serialization: {error}"
-        ) from error
-    count = manifest["param_count"]
+    count = _read_manifest(path)["param_count"]
+    exported = _read_exported(path)
+    params_tree = _params_tree(path, exported, count)
     restored = _engine.restore_arrays(
         os.path.join(path, PARAMS_DIR), {f"params/{i}": None for i in range(count)}
     )
-    # in_tree is ((params, *inputs), {}): the first argument's structure is the params'.
-    params_tree = exported.in_tree.children()[0].children()[0]
-    if params_tree.num_leaves != count:
-        raise CorruptCheckpointError(
-            f"Artifact {path!r}: the function takes {params_tree.num_leaves} param leaves, "
-            f"the manifest lists {count}"
-        )
     params = jax.tree.unflatten(params_tree, [restored[f"params/{i}"] for i in range(count)])
     return LoadedSavedModel(exported, params)

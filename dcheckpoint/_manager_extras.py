@@ -112,16 +112,23 @@ class ManagerExtras:
             lists the steps there are.
           TypeError: ``step`` is not an int.
         """
+        status = self._checkpoint.restore(self._committed_path(step), options)
+        if self._checkpoint_interval is not None:
+            self._last_checkpoint_step = evaluate_counter(self._step_counter)
+        return status
+
+    def _committed_path(self, step) -> str:
+        """The path of the committed checkpoint of ``step``, waiting for a save of it
+        still in flight (an async save this process started is committed first)."""
         path = self._step_path(step)
+        if not is_committed(path):
+            self.sync()
         if not is_committed(path):
             raise CheckpointNotFoundError(
                 f"No committed checkpoint for step {step} in {self._directory!r} (expected "
                 f"{path}); available steps: {self.all_steps()}"
             )
-        status = self._checkpoint.restore(path, options)
-        if self._checkpoint_interval is not None:
-            self._last_checkpoint_step = evaluate_counter(self._step_counter)
-        return status
+        return path
 
     def delete(self, step) -> str:
         """Deletes checkpoint ``step`` (collective: every process calls it, as ``save``).

@@ -1,0 +1,192 @@
+"""``PytreeManager``: the functional, step-numbered manager JAX users expect.
+
+``manager.save(step, state)`` / ``manager.restore(step, target)`` over immutable pytrees
+(a TrainState, ``nnx.state(model)``, optax states), as Orbax's ``CheckpointManager``
+is used. It is a :class:`~dcheckpoint.CheckpointManager` whose checkpoint is the tree
+of the current save (`_TreeWriter`): the state file, the writer lock, retention
+(``max_to_keep``, ``keep_checkpoint_every_n_hours``, ``best_fn``), preemption saves,
+async saves and every agree step are that manager's, not a copy. Checkpoints are
+``<directory>/<checkpoint_name>-<step>``, in ``save_pytree``'s format, so
+``restore_pytree``, ``Checkpoint`` and ``dcheckpoint ls`` read them too.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from ._async import Saver
+from ._engine import save_failed_here
+from ._manager import CheckpointManager
+from ._options import CheckpointOptions
+from ._pytree import pytree_arrays, restore_pytree
+from ._user_metadata import check_user_metadata
+from .errors import CheckpointNotFoundError
+
+__all__ = ["PytreeManager"]
+
+
+class _Counter:
+    """The save counter CheckpointManager keeps on its checkpoint (saves are named by
+    step here; the counter only counts them)."""
+
+    def __init__(self):
+        self.value = 0
+
+    def assign(self, value) -> None:
+        self.value = int(value)
+
+
+class _TreeWriter:
+    """What CheckpointManager asks of its checkpoint, for a pytree handed to each save."""
+
+    def __init__(self):
+        self.save_counter = _Counter()
+        self.tree: Any = None  # the tree of the save in progress (set by PytreeManager)
+        self._saver = Saver()
+
+    def write(self, file_prefix: str, options=None, *, on_commit=None, metadata=None) -> str:
+        try:
+            user_metadata = check_user_metadata(metadata)
+            arrays, graph = pytree_arrays(self.tree)
+        except Exception as e:  # the other processes are (or will be) in the save
+            self._saver.sync()  # as they do first: an earlier save's error wins
+            save_failed_here(file_prefix, e, options=options)
+        return self._saver.save(file_prefix, arrays, object_graph=graph, options=options,
+                                on_commit=on_commit, user_metadata=user_metadata)
+
+    def restore(self, save_path: str, options=None):
+        del options
+        return restore_pytree(save_path)
+
+    def sync(self) -> None:
+        self._saver.sync()
+
+    def _committed(self, path: str) -> bool:
+        return self._saver.committed == path
+
+
+class PytreeManager(CheckpointManager):
+    """Saves and restores pytrees by training step, keeping the newest ``max_to_keep``.
+
+    In a multi-process job every process makes the same calls with the same steps.
+
+    Args:
+      directory: where checkpoints and the state file live (created if missing): a
+        local path or an object store URL.
+      max_to_keep: how many checkpoints stay; None keeps all.
+      keep_checkpoint_every_n_hours, best_fn, best_mode, save_on_preemption,
+        checkpoint_name: as :class:`CheckpointManager`.
+      save_interval_steps: save only at steps that are multiples of it (``save`` may
+        then be called every step); a preemption notice saves at the agreed step anyway.
+      options: the default ``CheckpointOptions`` of every save, e.g.
+        ``CheckpointOptions(enable_async=True)``.
+
+    Example:
+      >>> abstract = jax.eval_shape(create_state)            # shapes, dtypes, shardings
+      >>> with PytreeManager("/tmp/run", max_to_keep=3) as manager:
+      ...     state = manager.restore(target=abstract) if manager.latest_step() else create_state()
+      ...     for step in range(start, steps):
+      ...         state = train_step(state)
+      ...         manager.save(step, state, metadata={"loss": loss})
+    """
+
+    def __init__(self, directory, max_to_keep=None, *, keep_checkpoint_every_n_hours=None,
+                 checkpoint_name="ckpt", save_interval_steps=None, best_fn=None,
+                 best_mode="max", save_on_preemption=False,
+                 options: CheckpointOptions | None = None):
+        if save_interval_steps is not None and (
+                isinstance(save_interval_steps, bool) or not isinstance(
+                    save_interval_steps, numbers.Integral) or save_interval_steps < 1):
+            raise ValueError(
+                f"save_interval_steps must be a positive int or None, got {save_interval_steps!r}"
+            )
+        self._save_interval_steps = save_interval_steps
+        self._options = options
+        super().__init__(_TreeWriter(), directory, max_to_keep, keep_checkpoint_every_n_hours,
+                         checkpoint_name, best_fn=best_fn, best_mode=best_mode,
+                         save_on_preemption=save_on_preemption)
+
+    def save(self, step, tree, *, metadata=None, options=None, force=False) -> str | None:
+        """Saves ``tree`` as the checkpoint of ``step``, then applies retention.
+
+        Args:
+          step: the training step, an int (numpy ints and 0-d integer arrays too).
+          tree: any pytree of arrays (see ``save_pytree``).
+          metadata: a small JSON dict stored with it; ``"step"`` is added.
+          options: ``CheckpointOptions`` of this save (default: the manager's). An
+            async save returns once the shards are in host memory; ``sync()`` waits.
+          force: save even where ``save_interval_steps`` says not to.
+
+        Returns:
+          The checkpoint's path, or None when ``save_interval_steps`` skipped it.
+        """
+        step = _step(step)
+        self._checkpoint.tree = tree
+        try:
+            return super().save(checkpoint_number=step, check_interval=not force,
+                                options=options or self._options, metadata=metadata)
+        finally:
+            self._checkpoint.tree = None  # an async save holds its own host copy
+
+    def _next_number(self, checkpoint_number, check_interval) -> int | None:
+        every = self._save_interval_steps
+        if check_interval and every and checkpoint_number % every:
+            return None
+        return super()._next_number(checkpoint_number, check_interval)
+
+    def restore(self, step=None, target=None) -> Any:
+        """Restores checkpoint ``step`` (default: the latest) into ``target``.
+
+        Args:
+          step: which step; None for :meth:`latest_step`.
+          target: as ``restore_pytree``: a pytree of ``jax.ShapeDtypeStruct``s
+            (``jax.eval_shape``), arrays or shardings; None gives the tree as saved.
+
+        Raises:
+          CheckpointNotFoundError: no checkpoint yet, or none for ``step`` (the message
+            lists the steps there are).
+        """
+        if step is None:
+            self.sync()  # an async save in flight is the latest once committed
+            step = self.latest_step()
+            if step is None:
+                raise CheckpointNotFoundError(
+                    f"No checkpoint to restore in {self._directory!r}: nothing saved yet"
+                )
+        return restore_pytree(self._committed_path(_step(step)), target)
+
+    def restore_or_initialize(self):
+        raise TypeError(
+            "PytreeManager has no object to initialise: use "
+            "`manager.restore(target=abstract) if manager.latest_step() is not None else init()`"
+        )
+
+    def close(self) -> None:
+        """Waits for a save in flight (raising its error), then gives the directory's
+        writer lock and the preemption handler back."""
+        try:
+            self.sync()
+        finally:
+            self._release_lock()
+            if self._preemption is not None:
+                self._preemption.close()
+
+    def __enter__(self) -> PytreeManager:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _step(step) -> int:
+    """An int step from an int, numpy integer or integral 0-d array; else TypeError."""
+    integral_array = hasattr(step, "dtype") and getattr(step, "shape", None) == () and (
+        step.dtype.kind in "iu")
+    if not integral_array and (isinstance(step, bool) or not isinstance(
+            step, numbers.Integral)):
+        raise TypeError(f"step must be an int, got {step!r} ({type(step).__name__})")
+    step = int(step)
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return step
