@@ -16,7 +16,7 @@ import numbers
 from typing import Any
 
 from ._async import Saver
-from ._engine import save_failed_here
+from ._engine import read_metadata, save_failed_here
 from ._manager import CheckpointManager
 from ._options import CheckpointOptions
 from ._pytree import pytree_arrays, restore_pytree
@@ -147,14 +147,25 @@ class PytreeManager(CheckpointManager):
           CheckpointNotFoundError: no checkpoint yet, or none for ``step`` (the message
             lists the steps there are).
         """
-        if step is None:
-            self.sync()  # an async save in flight is the latest once committed
-            step = self.latest_step()
-            if step is None:
-                raise CheckpointNotFoundError(
-                    f"No checkpoint to restore in {self._directory!r}: nothing saved yet"
-                )
-        return restore_pytree(self._committed_path(_step(step)), target)
+        return restore_pytree(self._committed_path(self._step_or_latest(step)), target)
+
+    def metadata(self, step=None) -> dict:
+        """The metadata dict saved with ``step`` (default: the latest), ``"step"`` in it.
+
+        Raises:
+          CheckpointNotFoundError: as :meth:`restore`.
+        """
+        return read_metadata(self._committed_path(self._step_or_latest(step))).user_metadata
+
+    def _step_or_latest(self, step) -> int:
+        if step is not None:
+            return _step(step)
+        self.sync()  # an async save in flight is the latest once committed
+        latest = self.latest_step()
+        if latest is None:
+            raise CheckpointNotFoundError(
+                f"No checkpoint in {self._directory!r}: nothing saved yet")
+        return latest
 
     def restore_or_initialize(self):
         raise TypeError(
