@@ -213,8 +213,8 @@ def restore_pytree(path: str, target: Any = None) -> Any:
 def _saved_name(name: str, is_holder: bool, aliases: dict, metadata) -> str:
     """Where the checkpoint holds the array of target leaf ``name``.
 
-    Before format 2 of the pytree naming (dcheckpoint 0.3), ``save_pytree`` named an
-    nnx Variable by its pytree child, ``kernel/value``; those checkpoints still restore.
+    Earlier versions of ``save_pytree`` named an nnx Variable by its pytree child,
+    ``kernel/value``; those checkpoints still restore into a target of variables.
     """
     saved = _resolve(name, aliases)
     legacy = f"{saved}/value"

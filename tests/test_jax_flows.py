@@ -285,3 +285,17 @@ def test_nnx_optax_grain_job_resumes_bit_identical_on_another_mesh(killed_jobs, 
     assert expected in resumed["placed_on"]
     assert resumed["digest"] == reference["digest"]
     assert resumed["loss"] == reference["loss"]
+
+
+def test_pytree_manager_across_two_processes(tmp_path):
+    completed = run_launch(REPO_ROOT / "tests" / "workers" / "pytree_manager_worker.py",
+                           tmp_path, processes=2, devices_per_process=4)
+    ranks = results(completed)
+    assert [r["rank"] for r in ranks] == [0, 1]
+    for r in ranks:
+        assert r["steps"] == [3, 4] and r["metadata"] == {"loss": 4.0, "step": 4}
+        assert r["w_ok"] and r["w_mesh"] == {"x": 2, "y": 4}
+        assert r["key"] == r["expected_key"]
+        # Steps 10 and 11: refused on both processes, nothing written.
+        assert r["mismatch"].startswith("CoordinationError") and "ckpt-1" in r["mismatch"]
+        assert r["steps_after"] == [3, 4]
