@@ -37,13 +37,14 @@ class ManagerExtras:
 
     # -- steps as integers ---------------------------------------------------------------
 
-    def _step_path(self, step) -> str:
+    def _step_path(self, step) -> str | None:
+        """The checkpoint of ``step``: ``<prefix>-<step>``, or with a ``step_counter`` the
+        committed one saved at that step (None if there is none)."""
         if isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise TypeError(f"step must be an int, got {step!r} ({type(step).__name__})")
         if self._step_counter is None:
             return f"{self._prefix}-{int(step)}"
-        found = {s: p for p, s in self._paths_and_steps()}.get(int(step))
-        return found or f"{self._prefix}-{int(step)}"
+        return {s: p for p, s in self._paths_and_steps()}.get(int(step))
 
     def _step_of(self, path: str | None) -> int | None:
         if path is None:
@@ -121,12 +122,14 @@ class ManagerExtras:
         """The path of the committed checkpoint of ``step``, waiting for a save of it
         still in flight (an async save this process started is committed first)."""
         path = self._step_path(step)
-        if not is_committed(path):
+        if path is None or not is_committed(path):
             self.sync()
-        if not is_committed(path):
+            path = self._step_path(step)
+        if path is None or not is_committed(path):
+            expected = f"expected {path}" if path else "none was saved at that step"
             raise CheckpointNotFoundError(
-                f"No committed checkpoint for step {step} in {self._directory!r} (expected "
-                f"{path}); available steps: {self.all_steps()}"
+                f"No committed checkpoint for step {step} in {self._directory!r} "
+                f"({expected}); available steps: {self.all_steps()}"
             )
         return path
 
@@ -145,8 +148,8 @@ class ManagerExtras:
           CheckpointNotFoundError: no committed checkpoint of that number (on every
             process; nothing is changed).
         """
-        path = self._step_path(step)
         self.sync()
+        path = self._step_path(step)
 
         def decide(paths: list[str]) -> str:
             """(coordinator) Deletes ``path`` once every process names it."""
@@ -156,7 +159,7 @@ class ManagerExtras:
                     "process order), so nothing was deleted; every process must delete "
                     "the same step"
                 )
-            if not is_committed(path):
+            if path is None or not is_committed(path):
                 raise CheckpointNotFoundError(
                     f"No committed checkpoint for step {step} in {self._directory!r} to "
                     f"delete; available steps: {self.all_steps()}"

@@ -202,6 +202,11 @@ def test_steps_are_training_steps_with_a_step_counter_and_interval(tmp_path):
     again = CheckpointManager(Checkpoint(step=step, w=weights), tmp_path, max_to_keep=5,
                               step_counter=step, checkpoint_interval=3)
     assert again.all_steps() == [1, 4, 7]
+    # Step 2 was never saved: ckpt-2 (saved at step 4) is not it.
+    with pytest.raises(CheckpointNotFoundError, match=r"step 2 .*none was saved at that step"):
+        again.restore(2)
+    with pytest.raises(CheckpointNotFoundError, match=r"step 2 .*available steps: \[1, 4, 7\]"):
+        again.delete(2)
     again.delete(4)
     assert again.all_steps() == [1, 7]
 
