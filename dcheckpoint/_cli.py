@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ._engine import read_metadata
 from ._lock import DirectoryLock
 from ._metadata import METADATA_FILE, CheckpointMetadata
+from ._orbax import METADATA_FILE as ORBAX_METADATA_FILE
 from ._state_file import (
     STATE_FILENAME,
     CheckpointState,
@@ -204,7 +205,7 @@ def _latest(rows: list[dict], state) -> str | None:
 
 def _inspect(args) -> int:
     path = args.checkpoint.rstrip("/") or "/"
-    meta = _read_checkpoint(path)
+    meta = _read_checkpoint(path, orbax=True)
     arrays = [
         {
             "path": name,
@@ -227,8 +228,10 @@ def _inspect(args) -> int:
                           "bytes": total, "user_metadata": meta.user_metadata,
                           "arrays": arrays}, indent=1))
         return EXIT_OK
+    by = (f"{meta.writer['process_count']} process(es)" if "process_count" in meta.writer
+          else meta.writer.get("library", "an unknown writer"))
     print(f"{path}: {len(arrays)} arrays, {_bytes(total)}, saved {_time(meta.save_time)} "
-          f"UTC by {meta.writer.get('process_count', '?')} process(es)")
+          f"UTC by {by}")
     table = [("ARRAY", "SHAPE", "DTYPE", "SAVED LAYOUT", "SIZE")]
     shown: set[str] = set()
     for a in arrays:
@@ -361,11 +364,21 @@ def _forget_in_state(directory: str, path: str) -> bool:
 # -- shared --------------------------------------------------------------------------
 
 
-def _read_checkpoint(path: str) -> CheckpointMetadata:
-    """The metadata of ``path``, or a UsageError that says where the checkpoints are."""
+def _read_checkpoint(path: str, *, orbax: bool = False) -> CheckpointMetadata:
+    """The metadata of ``path``, or a UsageError that says where the checkpoints are.
+
+    An Orbax checkpoint is read where ``orbax`` says the command can take one
+    (``inspect``); ``verify`` and ``rm`` work on dcheckpoint's own files only.
+    """
     storage = open_storage(path)
     if storage.exists(METADATA_FILE):
         return read_metadata(path)
+    if storage.exists(ORBAX_METADATA_FILE):
+        if orbax:
+            return read_metadata(path)
+        raise UsageError(f"{path} is an Orbax checkpoint: `dcheckpoint inspect` and "
+                         "restore_pytree read it; this command works on dcheckpoint's own "
+                         "checkpoints (restore it and save it with dcheckpoint to migrate)")
     if not storage.exists():
         raise UsageError(f"{path}: no such checkpoint (nothing exists there)")
     committed = [storage.join(n) for n in storage.list_dir() if is_committed(storage.join(n))]
