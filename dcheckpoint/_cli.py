@@ -7,8 +7,8 @@
 
 Each takes ``--json`` for scripts. Locations may be local paths or object store URLs
 (``s3://bucket/run``). Exit status: 0 success, 1 ``verify`` found problems, 2 the
-location is wrong (missing, not a checkpoint, unreadable, locked) or the arguments are.
-Only ``rm`` writes to storage.
+location is wrong (missing, not a checkpoint, unreadable, locked) or the arguments are,
+141 the output pipe closed (``| head``), quietly. Only ``rm`` writes to storage.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from .errors import CheckpointError, CheckpointLockedError, CorruptCheckpointErr
 __all__ = ["main"]
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool a closed pipe stopped
 _NUMBER = re.compile(r"-(\d+)$")
 
 
@@ -56,6 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:
+        # The reader left (`| head`, `| grep -q`): stop quietly, as Unix tools do. Point
+        # stdout at /dev/null so the interpreter's last flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (UsageError, CheckpointError, OSError, ValueError) as error:
         message = str(error) if isinstance(error, UsageError) else (
             f"{type(error).__name__}: {error}")
@@ -63,6 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"error": message}))
         print(f"dcheckpoint {args.command}: {message}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _path_arg(path: str) -> str:
+    """A command's path argument, absolute: the state file records absolute paths, and
+    ``runs/x`` or ``.`` must name the same checkpoints as ``/home/me/runs/x``."""
+    path = path.rstrip("/") or "/"
+    return path if is_url(path) else os.path.abspath(path)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,7 +115,7 @@ def _version() -> str:
 
 
 def _ls(args) -> int:
-    directory = args.directory.rstrip("/") or "/"
+    directory = _path_arg(args.directory)
     storage = open_storage(directory)
     if is_committed(directory):
         raise UsageError(f"{directory} is itself a checkpoint; list its parent, or run "
@@ -204,7 +217,7 @@ def _latest(rows: list[dict], state) -> str | None:
 
 
 def _inspect(args) -> int:
-    path = args.checkpoint.rstrip("/") or "/"
+    path = _path_arg(args.checkpoint)
     meta = _read_checkpoint(path, orbax=True)
     arrays = [
         {
@@ -267,7 +280,7 @@ def _layout_text(layout: dict | None) -> str:
 
 
 def _verify(args) -> int:
-    path = args.checkpoint.rstrip("/") or "/"
+    path = _path_arg(args.checkpoint)
     meta = _read_checkpoint(path)  # a wrong location is a usage error, not damage
     with tqdm(total=chunk_count(meta), desc="verifying", unit="chunk",
               disable=_quiet(args)) as bar:
@@ -301,7 +314,7 @@ def _rm(args) -> int:
     The commit marker goes first, so a deletion cut short leaves nothing a reader takes
     for a checkpoint; then the state file drops the path (and moves "latest" back).
     """
-    path = args.checkpoint.rstrip("/") or "/"
+    path = _path_arg(args.checkpoint)
     if not is_url(path) and os.path.islink(path):
         # Deleting through a link would remove the marker of a checkpoint elsewhere.
         raise UsageError(f"{path} is a symbolic link to {os.path.realpath(path)}; remove "
