@@ -31,7 +31,7 @@ from . import _engine, errors
 from ._best import check_best_fn, metric_of
 from ._comm import agree, default_communicator, error_kind, run_ordered
 from ._lock import DirectoryLock
-from ._manager_extras import ManagerExtras
+from ._manager_extras import ManagerExtras, whole_number
 from ._manager_extras import evaluate_counter as _evaluate
 from ._options import CheckpointOptions
 from ._preemption import PreemptionWatcher
@@ -151,6 +151,8 @@ class CheckpointManager(ManagerExtras):
         without ``step_counter``, or ``best_fn``/``best_mode`` are malformed.
       TypeError: ``max_to_keep`` is not an int or None (a bool or float).
     """
+
+    _NUMBER_ARGUMENT = "checkpoint_number"  # what a refused number is called in the error
 
     def __init__(
         self,
@@ -380,15 +382,19 @@ class CheckpointManager(ManagerExtras):
             checkpoint_number = _evaluate(save_counter)
         return _evaluate(checkpoint_number)
 
-    def _checked(self, checkpoint_number, metadata) -> tuple[dict | None, Exception | None]:
-        """(the checked metadata, None), or (None, the error): a refusal is raised later,
-        where the other processes of the save learn of it (see save)."""
+    def _checked(self, checkpoint_number, metadata) -> tuple[dict | None, int | None,
+                                                             Exception | None]:
+        """(the checked metadata, the checkpoint number as an int or None, None), or
+        (None, None, the error): a refusal is raised later, where the other processes of
+        the save learn of it (see save)."""
         try:
+            if checkpoint_number is not None:
+                checkpoint_number = whole_number(checkpoint_number, self._NUMBER_ARGUMENT)
             metadata = check_user_metadata(metadata)
             self._check_metric(checkpoint_number, metadata)
         except Exception as e:
-            return None, e
-        return metadata, None
+            return None, None, e
+        return metadata, checkpoint_number, None
 
     def _numbering(self) -> tuple:
         """What `_next_number` changes: the interval clock and the save counter."""
@@ -407,7 +413,9 @@ class CheckpointManager(ManagerExtras):
 
         Args:
           checkpoint_number: used as is in the name; default: the incremented
-            ``checkpoint.save_counter``. A Variable or int.
+            ``checkpoint.save_counter``. An int >= 0, or an integral 0-d array or
+            Variable; anything else (7.5, -1, True) raises TypeError/ValueError on
+            every process and saves nothing.
           check_interval: with ``checkpoint_interval``, skip the save unless enough
             steps passed since the last one; False saves anyway (unless the step did
             not change at all).
@@ -429,7 +437,7 @@ class CheckpointManager(ManagerExtras):
             number; nothing was saved.
           SystemExit: with ``save_on_preemption``, after the preemption save committed.
         """
-        metadata, refused = self._checked(checkpoint_number, metadata)
+        metadata, checkpoint_number, refused = self._checked(checkpoint_number, metadata)
         preempted = self._check_preemption(checkpoint_number)  # collective: every call
         before = self._numbering()
         number = self._next_number(checkpoint_number, check_interval and not preempted)

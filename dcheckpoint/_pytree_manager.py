@@ -18,6 +18,7 @@ from typing import Any
 from ._async import Saver
 from ._engine import read_metadata, save_failed_here
 from ._manager import CheckpointManager
+from ._manager_extras import whole_number
 from ._options import CheckpointOptions
 from ._pytree import pytree_arrays, restore_pytree
 from ._user_metadata import check_user_metadata
@@ -91,6 +92,8 @@ class PytreeManager(CheckpointManager):
       ...         manager.save(step, state, metadata={"loss": loss})
     """
 
+    _NUMBER_ARGUMENT = "step"  # what a refused number is called in the error
+
     def __init__(self, directory, max_to_keep=None, *, keep_checkpoint_every_n_hours=None,
                  checkpoint_name="ckpt", save_interval_steps=None, best_fn=None,
                  best_mode="max", save_on_preemption=False,
@@ -121,7 +124,6 @@ class PytreeManager(CheckpointManager):
         Returns:
           The checkpoint's path, or None when ``save_interval_steps`` skipped it.
         """
-        step = _step(step)
         self._checkpoint.tree = tree
         try:
             return super().save(checkpoint_number=step, check_interval=not force,
@@ -131,7 +133,8 @@ class PytreeManager(CheckpointManager):
 
     def _next_number(self, checkpoint_number, check_interval) -> int | None:
         every = self._save_interval_steps
-        if check_interval and every and checkpoint_number % every:
+        if check_interval and every and checkpoint_number is not None and (
+                checkpoint_number % every):
             return None
         return super()._next_number(checkpoint_number, check_interval)
 
@@ -159,7 +162,7 @@ class PytreeManager(CheckpointManager):
 
     def _step_or_latest(self, step) -> int:
         if step is not None:
-            return _step(step)
+            return whole_number(step, "step")
         self.sync()  # an async save in flight is the latest once committed
         latest = self.latest_step()
         if latest is None:
@@ -188,16 +191,3 @@ class PytreeManager(CheckpointManager):
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def _step(step) -> int:
-    """An int step from an int, numpy integer or integral 0-d array; else TypeError."""
-    integral_array = hasattr(step, "dtype") and getattr(step, "shape", None) == () and (
-        step.dtype.kind in "iu")
-    if not integral_array and (isinstance(step, bool) or not isinstance(
-            step, numbers.Integral)):
-        raise TypeError(f"step must be an int, got {step!r} ({type(step).__name__})")
-    step = int(step)
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return step
