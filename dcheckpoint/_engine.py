@@ -53,7 +53,14 @@ import numpy as np
 from . import _orbax, _packing, errors
 from . import _tensorstore as tsio
 from ._bounds import check_restore
-from ._comm import Communicator, agree, default_communicator, error_kind, run_ordered
+from ._comm import (
+    Communicator,
+    agree,
+    default_communicator,
+    error_kind,
+    run_ordered,
+    wait_for_save_of,
+)
 from ._env import number_from_env
 from ._gc import paused as _gc_paused
 from ._gc import paused_unless_async as _gc_paused_unless_async
@@ -457,7 +464,12 @@ def read_metadata(directory: str) -> CheckpointMetadata:
       CorruptCheckpointError: the metadata file is damaged or malformed.
     """
     storage = open_storage(directory)
+    saving = None if storage.exists(METADATA_FILE) else wait_for_save_of(directory)
     if not storage.exists(METADATA_FILE):
+        if saving is not None and saving.exception() is not None:
+            raise CheckpointNotFoundError(
+                f"No committed checkpoint at {directory!r}: this process's asynchronous "
+                f"save of it failed ({_describe(saving.exception())}); sync() raises it")
         if storage.exists(STATE_FILENAME):
             raise CheckpointNotFoundError(_manager_directory_hint(directory))
         if storage.exists(_orbax.METADATA_FILE):
