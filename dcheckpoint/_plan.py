@@ -261,7 +261,7 @@ def plan_read(path: str, meta: ArrayMetadata, target: Any) -> tuple[Any, list[Re
     if dtype is not None and np.dtype(dtype) != meta.dtype:
         raise CheckpointMismatchError(
             f"Array {path!r}: restore target has dtype {np.dtype(dtype).name}, the "
-            f"checkpoint holds {meta.dtype.name}"
+            f"checkpoint holds {meta.dtype.name} (cast_dtypes=True casts on restore)"
         )
     whole = tuple(slice(0, d) for d in meta.shape)
     if sharding is None:
@@ -343,6 +343,12 @@ def _concrete(path: str, sharding: Any) -> Any:
         "devices; restore inside `with jax.set_mesh(mesh):` for a mesh of that shape, or "
         "give the target concrete shardings (jax.sharding.NamedSharding(mesh, spec))"
     )
+
+
+def is_numeric(dtype) -> bool:
+    """Whether ``dtype`` holds numbers (bool included) that an opt-in cast may convert;
+    bfloat16 and the float8s count, though numpy calls their kind "V"."""
+    return bool(jax.dtypes.issubdtype(dtype, np.number) or np.dtype(dtype) == np.bool_)
 
 
 def _of_python_scalar(target: Any) -> bool:

@@ -138,19 +138,21 @@ class PytreeManager(CheckpointManager):
             return None
         return super()._next_number(checkpoint_number, check_interval)
 
-    def restore(self, step=None, target=None) -> Any:
+    def restore(self, step=None, target=None, *, cast_dtypes: bool = False) -> Any:
         """Restores checkpoint ``step`` (default: the latest) into ``target``.
 
         Args:
           step: which step; None for :meth:`latest_step`.
           target: as ``restore_pytree``: a pytree of ``jax.ShapeDtypeStruct``s
             (``jax.eval_shape``), arrays or shardings; None gives the tree as saved.
+          cast_dtypes: cast saved values to the target's dtypes (see ``restore_pytree``).
 
         Raises:
           CheckpointNotFoundError: no checkpoint yet, or none for ``step`` (the message
             lists the steps there are).
         """
-        return restore_pytree(self._committed_path(self._step_or_latest(step)), target)
+        return restore_pytree(self._committed_path(self._step_or_latest(step)), target,
+                              cast_dtypes=cast_dtypes)
 
     def metadata(self, step=None) -> dict:
         """The metadata dict saved with ``step`` (default: the latest), ``"step"`` in it.
