@@ -347,15 +347,28 @@ class CheckpointManager(ManagerExtras):
         """Waits for an async save in flight, raising its error if it failed."""
         self._checkpoint.sync()
 
-    def restore_or_initialize(self) -> str | None:
+    def restore_or_initialize(self, *, strict: bool = False) -> str | None:
         """Restores the latest checkpoint, or calls ``init_fn`` when there is none.
+
+        Args:
+          strict: raise unless the restore matched exactly (``assert_consumed``): every
+            object got a value and every saved value found its object. TF's default,
+            False, is lenient: a renamed layer silently keeps its fresh init (only a
+            warning when the status is garbage collected says so). The error comes after
+            the matched values were assigned; it stops the job before it trains.
 
         Returns:
           The restored checkpoint's path, or None when it initialised instead.
+
+        Raises:
+          CheckpointAssertionError: with ``strict``, naming the objects that got no value
+            and the saved values that found no object.
         """
         latest = self.latest_checkpoint
         if latest is not None:
-            self._checkpoint.restore(latest)
+            status = self._checkpoint.restore(latest)
+            if strict:
+                status.assert_consumed()
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = _evaluate(self._step_counter)
             return latest
