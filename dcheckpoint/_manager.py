@@ -46,6 +46,7 @@ from ._state_file import (
     remove_leftover_temporaries,
     write_checkpoint_state,
 )
+from ._status import CheckpointAssertionError
 from ._storage import TMP_MARKER, open_storage
 from ._user_metadata import check_user_metadata
 from .errors import CheckpointError, CoordinationError, CorruptCheckpointError
@@ -368,7 +369,11 @@ class CheckpointManager(ManagerExtras):
         if latest is not None:
             status = self._checkpoint.restore(latest)
             if strict:
-                status.assert_consumed()
+                try:
+                    status.assert_consumed()
+                except CheckpointAssertionError:
+                    status.expect_partial()  # said once, by this error
+                    raise
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = _evaluate(self._step_counter)
             return latest
