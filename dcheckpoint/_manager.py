@@ -26,6 +26,8 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from . import _engine, errors
 from ._best import check_best_fn, metric_of
@@ -49,6 +51,9 @@ from ._state_file import (
 from ._status import CheckpointAssertionError
 from ._storage import TMP_MARKER, open_storage
 from ._user_metadata import check_user_metadata
+
+if TYPE_CHECKING:
+    from ._checkpoint import Checkpoint
 from .errors import CheckpointError, CoordinationError, CorruptCheckpointError
 
 __all__ = ["CheckpointManager", "checkpoints_iterator", "wait_for_new_checkpoint"]
@@ -157,19 +162,19 @@ class CheckpointManager(ManagerExtras):
 
     def __init__(
         self,
-        checkpoint,
-        directory,
-        max_to_keep,
-        keep_checkpoint_every_n_hours=None,
-        checkpoint_name="ckpt",
-        step_counter=None,
-        checkpoint_interval=None,
-        init_fn=None,
+        checkpoint: Checkpoint,
+        directory: str | os.PathLike,
+        max_to_keep: int | None,
+        keep_checkpoint_every_n_hours: float | None = None,
+        checkpoint_name: str = "ckpt",
+        step_counter: Any = None,
+        checkpoint_interval: int | None = None,
+        init_fn: Callable[[], Any] | None = None,
         *,
-        best_fn=None,
-        best_mode="max",
-        save_on_preemption=False,
-    ):
+        best_fn: Callable[[dict], float] | None = None,
+        best_mode: str = "max",
+        save_on_preemption: bool = False,
+    ) -> None:
         max_to_keep = _check_max_to_keep(max_to_keep)
         check_best_fn(best_fn, best_mode)
         if checkpoint_interval is not None and step_counter is None:
@@ -325,11 +330,11 @@ class CheckpointManager(ManagerExtras):
         return self._directory
 
     @property
-    def checkpoint(self):
+    def checkpoint(self) -> Checkpoint:
         return self._checkpoint
 
     @property
-    def checkpoint_interval(self):
+    def checkpoint_interval(self) -> int | None:
         return self._checkpoint_interval
 
     @property
@@ -425,8 +430,9 @@ class CheckpointManager(ManagerExtras):
         self._last_checkpoint_step = numbering[0]
         self._checkpoint.save_counter.assign(numbering[1])
 
-    def save(self, checkpoint_number=None, check_interval=True, options=None, *,
-             metadata=None) -> str | None:
+    def save(self, checkpoint_number: Any = None, check_interval: bool = True,
+             options: CheckpointOptions | None = None, *,
+             metadata: dict | None = None) -> str | None:
         """Saves a checkpoint numbered as TF's manager does, then applies retention.
 
         Args:
@@ -594,8 +600,10 @@ def _wait_for_new(find_latest, last, seconds_to_sleep, timeout):
 
 
 def checkpoints_iterator(
-    checkpoint_dir, min_interval_secs=0, timeout=None, timeout_fn=None, *, seconds_to_sleep=1.0
-):
+    checkpoint_dir: str | os.PathLike, min_interval_secs: float = 0,
+    timeout: float | None = None, timeout_fn: Callable[[], bool] | None = None, *,
+    seconds_to_sleep: float = 1.0,
+) -> Iterator[str]:
     """Yields each new latest checkpoint of ``checkpoint_dir`` (TF's semantics).
 
     For evaluators following a training job. Intermediate checkpoints written while

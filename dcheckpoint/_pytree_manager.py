@@ -13,6 +13,8 @@ async saves and every agree step are that manager's, not a copy. Checkpoints are
 from __future__ import annotations
 
 import numbers
+import os
+from collections.abc import Callable
 from typing import Any
 
 from ._async import Saver
@@ -94,10 +96,12 @@ class PytreeManager(CheckpointManager):
 
     _NUMBER_ARGUMENT = "step"  # what a refused number is called in the error
 
-    def __init__(self, directory, max_to_keep=None, *, keep_checkpoint_every_n_hours=None,
-                 checkpoint_name="ckpt", save_interval_steps=None, best_fn=None,
-                 best_mode="max", save_on_preemption=False,
-                 options: CheckpointOptions | None = None):
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = None, *,
+                 keep_checkpoint_every_n_hours: float | None = None,
+                 checkpoint_name: str = "ckpt", save_interval_steps: int | None = None,
+                 best_fn: Callable[[dict], float] | None = None, best_mode: str = "max",
+                 save_on_preemption: bool = False,
+                 options: CheckpointOptions | None = None) -> None:
         if save_interval_steps is not None and (
                 isinstance(save_interval_steps, bool) or not isinstance(
                     save_interval_steps, numbers.Integral) or save_interval_steps < 1):
@@ -110,7 +114,8 @@ class PytreeManager(CheckpointManager):
                          checkpoint_name, best_fn=best_fn, best_mode=best_mode,
                          save_on_preemption=save_on_preemption)
 
-    def save(self, step, tree, *, metadata=None, options=None, force=False) -> str | None:
+    def save(self, step: int, tree: Any, *, metadata: dict | None = None,
+             options: CheckpointOptions | None = None, force: bool = False) -> str | None:
         """Saves ``tree`` as the checkpoint of ``step``, then applies retention.
 
         Args:
@@ -138,7 +143,8 @@ class PytreeManager(CheckpointManager):
             return None
         return super()._next_number(checkpoint_number, check_interval)
 
-    def restore(self, step=None, target=None, *, cast_dtypes: bool = False) -> Any:
+    def restore(self, step: int | None = None, target: Any = None, *,
+                cast_dtypes: bool = False) -> Any:
         """Restores checkpoint ``step`` (default: the latest) into ``target``.
 
         Args:
@@ -154,7 +160,7 @@ class PytreeManager(CheckpointManager):
         return restore_pytree(self._committed_path(self._step_or_latest(step)), target,
                               cast_dtypes=cast_dtypes)
 
-    def metadata(self, step=None) -> dict:
+    def metadata(self, step: int | None = None) -> dict:
         """The metadata dict saved with ``step`` (default: the latest), ``"step"`` in it.
 
         Raises:
