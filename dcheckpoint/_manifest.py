@@ -29,6 +29,7 @@ Nothing here does I/O or communicates; the engine calls it (`_engine.write_and_c
 
 from __future__ import annotations
 
+import base64
 import collections
 import hashlib
 import json
@@ -80,9 +81,21 @@ def encode_chunks(order: Sequence[str], chunks: Mapping[str, Sequence[Sequence[i
         count += len(coords)
         key = tuple(tuple(c) for c in coords)
         by_set.setdefault(key, []).append(number[path])
-    groups = [[_runs(sorted(indices)), _describe(key)] for key, indices in by_set.items()]
-    groups.sort(key=lambda g: g[0][0][0])
-    return groups, count
+    groups = [(min(indices), [_arrays(sorted(indices), len(order)), _describe(key)])
+              for key, indices in by_set.items()]
+    return [g for _, g in sorted(groups, key=lambda g: g[0])], count
+
+
+def _arrays(indices: list[int], total: int) -> list | str:
+    """A group's array numbers: runs, or a bitmap (base64) where runs would be longer
+    (arrays of one kind interleaved with others: every layer's weights, say)."""
+    runs = _runs(indices)
+    bitmap_chars = 4 * math.ceil(math.ceil(total / 8) / 3)
+    if len(runs) <= 4 or 12 * len(runs) < bitmap_chars:
+        return runs
+    bits = np.zeros(total, dtype=bool)
+    bits[indices] = True
+    return base64.b64encode(np.packbits(bits).tobytes()).decode()
 
 
 def _runs(indices: list[int]) -> list[list[int]]:
@@ -120,24 +133,18 @@ def _describe(coords: tuple[tuple[int, ...], ...]) -> list:
     return ["r", ranges]
 
 
-def decode_group(group: Any, grid_ndim: int | None = None) -> tuple[np.ndarray, list | np.ndarray]:
+def decode_group(group: Any) -> tuple[np.ndarray, list | np.ndarray]:
     """(array numbers, chunks) of one group: chunks as ranges or an (n, ndim) array.
 
     Raises:
       ValueError: the group is malformed (the caller names the process).
     """
     if not (isinstance(group, list) and len(group) == 2):
-        raise ValueError(f"a group must be [runs, chunks], found {_clip(group)}")
-    runs, chunks = group
-    if not (isinstance(runs, list) and runs):
-        raise ValueError(f"array runs must be a non-empty list, found {_clip(runs)}")
-    pieces = []
-    for run in runs:
-        if not (isinstance(run, list) and len(run) == 2 and all(_is_int(x) for x in run)
-                and 0 <= run[0] < run[1]):
-            raise ValueError(f"an array run must be [start, stop), found {_clip(run)}")
-        pieces.append(np.arange(run[0], run[1], dtype=np.int64))
-    indices = np.concatenate(pieces)
+        raise ValueError(f"a group must be [arrays, chunks], found {_clip(group)}")
+    return _array_numbers(group[0]), _decode_chunks(group[1])
+
+
+def _decode_chunks(chunks: Any) -> list | np.ndarray:
     if not (isinstance(chunks, list) and len(chunks) == 2 and chunks[0] in ("r", "l")
             and isinstance(chunks[1], list)):
         raise ValueError(f"chunks must be ['r', ranges] or ['l', list], found {_clip(chunks)}")
@@ -147,12 +154,33 @@ def decode_group(group: Any, grid_ndim: int | None = None) -> tuple[np.ndarray, 
             if not (isinstance(r, list) and len(r) == 3 and all(_is_int(x) for x in r)
                     and r[2] >= 1 and r[0] < r[1]):
                 raise ValueError(f"a range must be [start, stop, step >= 1], found {_clip(r)}")
-        return indices, body
+        return body
     if not body or not all(isinstance(c, list) and all(_is_int(x) for x in c) for c in body):
         raise ValueError(f"a chunk list must hold integer coordinates, found {_clip(body)}")
     if len({len(c) for c in body}) != 1:
         raise ValueError("the coordinates of a chunk list have different lengths")
-    return indices, np.asarray(body, dtype=np.int64).reshape(len(body), len(body[0]))
+    return np.asarray(body, dtype=np.int64).reshape(len(body), len(body[0]))
+
+
+def _array_numbers(arrays: Any) -> np.ndarray:
+    """The array numbers of a group's runs or bitmap (see `_arrays`), vectorised."""
+    if isinstance(arrays, str):
+        try:
+            bits = np.unpackbits(np.frombuffer(base64.b64decode(arrays, validate=True),
+                                               dtype=np.uint8))
+        except ValueError as e:
+            raise ValueError(f"an array bitmap must be base64, found {_clip(arrays)}") from e
+        indices = np.flatnonzero(bits)
+        if not indices.size:
+            raise ValueError("an array bitmap names no array")
+        return indices
+    runs = np.asarray(arrays) if isinstance(arrays, list) and arrays else None
+    if (runs is None or runs.ndim != 2 or runs.shape[1] != 2 or runs.dtype.kind != "i"
+            or np.any(runs[:, 0] < 0) or np.any(runs[:, 1] <= runs[:, 0])):
+        raise ValueError(f"array runs must be [[start, stop), ...], found {_clip(arrays)}")
+    lengths = runs[:, 1] - runs[:, 0]
+    starts = np.repeat(runs[:, 0] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return starts + np.arange(int(lengths.sum()), dtype=np.int64)
 
 
 def _is_int(x: Any) -> bool:
@@ -176,61 +204,85 @@ def check_coverage(arrays: Mapping[str, ArrayMetadata], manifests: Sequence[Mapp
 
     ``manifests`` are the full manifests in process order (``"chunks"``: groups, see
     the module docstring; ``"count"``: chunks claimed). One counter per chunk of the
-    save (uint8), incremented per group with one fancy-indexed add; the total number of
-    writes is also counted exactly, so a counter that wrapped cannot pass.
+    save (uint8), incremented per group and grid with one fancy-indexed add; the total
+    number of writes is counted exactly too, so a counter that wrapped cannot pass.
 
     Raises:
       CheckpointError: a chunk missing, written twice or outside its array's grid, or
         a malformed manifest; the message names the array (and process) and chunks.
     """
-    order = sorted(arrays)
-    grids = [arrays[p].chunk_grid for p in order]
-    sizes = np.array([math.prod(g) for g in grids], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
-    counter = np.zeros(int(offsets[-1]), dtype=np.uint8)
-    # Arrays by grid: one operation per (group, grid) however many arrays share it.
-    grid_ids: dict[tuple, int] = {}
-    grid_of = np.array([grid_ids.setdefault(g, len(grid_ids)) for g in grids], dtype=np.int64)
-    grid_list = list(grid_ids)
+    coverage = _Coverage(arrays)
     total = 0
     for process, manifest in enumerate(manifests):
         try:
-            total += _add_process(counter, offsets, grid_of, grid_list, manifest, order)
+            total += coverage.add(manifest)
         except ValueError as e:
             raise CheckpointError(f"Process {process} sent a malformed manifest: {e}") from e
+    counter = coverage.counter
     if total != counter.size or not np.all(counter == 1):
-        raise CheckpointError(_coverage_problem(counter, offsets, grids, order, total))
+        raise CheckpointError(_coverage_problem(counter, coverage.offsets, coverage.grids,
+                                                coverage.order, total))
 
 
-def _add_process(counter, offsets, grid_of, grid_list, manifest, order) -> int:
-    """Counts one process's groups into ``counter``; returns the writes counted."""
-    groups = manifest.get("chunks")
-    if not isinstance(groups, list):
-        raise ValueError(f"'chunks' must be a list of groups, found {_clip(groups)}")
-    decoded = [decode_group(g) for g in groups]
-    listed = np.concatenate([i for i, _ in decoded]) if decoded else np.zeros(0, np.int64)
-    if listed.size and listed.max() >= len(order):
-        raise ValueError(f"array number {int(listed.max())} but the save has {len(order)} arrays")
-    if np.unique(listed).size != listed.size:
-        twice = np.flatnonzero(np.bincount(listed) > 1)
-        raise ValueError(f"array {order[int(twice[0])]!r} is in more than one group")
-    added = 0
-    for indices, chunks in decoded:
-        kinds = grid_of[indices]
-        for g in np.unique(kinds):
-            grid = grid_list[int(g)]
-            members = indices[kinds == g]
-            flat = _flat_chunks(chunks, grid, order[int(members[0])])
-            where = (offsets[members][:, None] + flat[None, :]).ravel()
-            if isinstance(chunks, np.ndarray) and np.unique(flat).size != flat.size:
-                np.add.at(counter, where, 1)  # a list naming a chunk twice: count both
-            else:
-                counter[where] += 1  # distinct places: one vectorised add
-            added += members.size * flat.size
-    claimed = manifest.get("count")
-    if claimed != added:
-        raise ValueError(f"it claims {claimed!r} chunks but lists {added}")
-    return added
+class _Coverage:
+    """The chunk counters of one save, and the array sets its groups name, decoded once
+    (the processes of a regular job send the same array sets, with other chunks)."""
+
+    def __init__(self, arrays: Mapping[str, ArrayMetadata]):
+        self.order = sorted(arrays)
+        self.grids = [arrays[p].chunk_grid for p in self.order]
+        sizes = np.array([math.prod(g) for g in self.grids], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.counter = np.zeros(int(self.offsets[-1]), dtype=np.uint8)
+        ids: dict[tuple, int] = {}
+        self.grid_of = np.array([ids.setdefault(g, len(ids)) for g in self.grids],
+                                dtype=np.int64)
+        self.grid_list = list(ids)
+        self._sets: dict[str, tuple[np.ndarray, list]] = {}
+
+    def _members(self, arrays: Any) -> tuple[np.ndarray, list]:
+        """(array numbers, [(grid, their counter offsets, first path)]) of an array set."""
+        key = arrays if isinstance(arrays, str) else json.dumps(arrays)
+        found = self._sets.get(key)
+        if found is None:
+            indices = _array_numbers(arrays)
+            if indices.max() >= len(self.order):
+                raise ValueError(f"array number {int(indices.max())} but the save has "
+                                 f"{len(self.order)} arrays")
+            kinds = self.grid_of[indices]
+            by_grid = [(self.grid_list[int(g)], self.offsets[indices[kinds == g]],
+                        self.order[int(indices[kinds == g][0])]) for g in np.unique(kinds)]
+            found = self._sets[key] = (indices, by_grid)
+        return found
+
+    def add(self, manifest: Mapping) -> int:
+        """Counts one process's groups; returns the writes counted."""
+        groups = manifest.get("chunks")
+        if not isinstance(groups, list):
+            raise ValueError(f"'chunks' must be a list of groups, found {_clip(groups)}")
+        seen = np.zeros(len(self.order), dtype=bool)
+        added = 0
+        for group in groups:
+            if not (isinstance(group, list) and len(group) == 2):
+                raise ValueError(f"a group must be [arrays, chunks], found {_clip(group)}")
+            indices, by_grid = self._members(group[0])
+            if seen[indices].any():
+                twice = indices[seen[indices]]
+                raise ValueError(f"array {self.order[int(twice[0])]!r} is in more than one group")
+            seen[indices] = True
+            chunks = _decode_chunks(group[1])
+            for grid, offsets, path in by_grid:
+                flat = _flat_chunks(chunks, grid, path)
+                where = (offsets[:, None] + flat[None, :]).ravel()
+                if isinstance(chunks, np.ndarray) and np.unique(flat).size != flat.size:
+                    np.add.at(self.counter, where, 1)  # a list naming a chunk twice
+                else:
+                    self.counter[where] += 1  # distinct places: one vectorised add
+                added += where.size
+        claimed = manifest.get("count")
+        if claimed != added:
+            raise ValueError(f"it claims {claimed!r} chunks but lists {added}")
+        return added
 
 
 def _flat_chunks(chunks, grid: tuple[int, ...], path: str) -> np.ndarray:
@@ -238,14 +290,13 @@ def _flat_chunks(chunks, grid: tuple[int, ...], path: str) -> np.ndarray:
     if isinstance(chunks, list):  # ranges
         if len(chunks) != len(grid):
             raise ValueError(f"array {path!r}: ranges of rank {len(chunks)}, grid {grid}")
-        for (start, stop, _), n in zip(chunks, grid, strict=True):
+        flat = np.zeros(1, np.int64)
+        for (start, stop, step), n in zip(chunks, grid, strict=True):
             if start < 0 or stop > n:
                 raise ValueError(f"array {path!r}: chunks {start}..{stop - 1} outside its "
                                  f"grid {grid}")
-        axes = [np.arange(*r, dtype=np.int64) for r in chunks]
-        if not axes:
-            return np.zeros(1, np.int64)
-        return np.ravel_multi_index(np.meshgrid(*axes, indexing="ij"), grid).ravel()
+            flat = (flat[:, None] * n + np.arange(start, stop, step, dtype=np.int64)).ravel()
+        return flat
     if chunks.shape[1] != len(grid):
         raise ValueError(f"array {path!r}: chunk coordinates of rank {chunks.shape[1]}, "
                          f"grid {grid}")

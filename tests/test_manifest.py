@@ -129,7 +129,8 @@ def test_a_chunk_outside_the_grid_is_refused():
      r"a range must be \[start, stop, step >= 1\]"),
     ({"chunks": [[[[0, 1]], ["r", [[0, 4, 1]]]]], "count": 4}, "ranges of rank 1"),
     ({"chunks": [[[[0, 1]], ["x", []]]], "count": 0}, "chunks must be"),
-    ({"chunks": [[[[1, 0]], ["r", []]]], "count": 0}, r"an array run must be \[start, stop\)"),
+    ({"chunks": [[[[1, 0]], ["r", []]]], "count": 0}, r"array runs must be \[\[start, stop\)"),
+    ({"chunks": [["AAAA", ["r", []]]], "count": 0}, "an array bitmap names no array"),
     ({"chunks": [[[[0, 1]], ["r", [[2, 4, 1], [0, 1, 1]]]]], "count": 9},
      "it claims 9 chunks but lists 2"),
 ])
@@ -273,3 +274,19 @@ def test_a_hung_simulated_process_times_out_cleanly_everywhere(tmp_path):
 def test_manifests_are_json():
     groups, _ = _manifest.encode_chunks(["a"], {"a": [(0, 1), (5, 3)]})
     assert json.loads(json.dumps(groups)) == groups
+
+
+def test_interleaved_arrays_are_a_bitmap_and_check_like_runs():
+    # Every layer's weight between its other arrays: 50 runs, shorter as a bitmap.
+    order = [f"{i:03d}" for i in range(100)]
+    arrays = {p: _meta((8, 4), (2, 4)) for p in order}
+    halves = [{p: [(0, 0), (1, 0)] if i % 2 else [(2, 0), (3, 0)] for i, p in enumerate(order)},
+              {p: [(2, 0), (3, 0)] if i % 2 else [(0, 0), (1, 0)] for i, p in enumerate(order)}]
+    manifests = []
+    for chunks in halves:
+        groups, count = _manifest.encode_chunks(order, chunks)
+        assert all(isinstance(arrays_of, str) for arrays_of, _ in groups)
+        manifests.append({"chunks": groups, "count": count})
+    _manifest.check_coverage(arrays, manifests)
+    with pytest.raises(CheckpointError, match=r"Array '000': expected 4 chunks .* 2 missing"):
+        _manifest.check_coverage(arrays, manifests[:1])
