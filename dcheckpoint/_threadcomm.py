@@ -38,7 +38,7 @@ class ThreadJob:
       decide_cpu_s: see the module docstring.
     """
 
-    def __init__(self, process_count: int):
+    def __init__(self, process_count: int, *, running: int = 4):
         if process_count < 1:
             raise ValueError(f"a job needs at least one process, got {process_count}")
         self.process_count = process_count
@@ -46,6 +46,10 @@ class ThreadJob:
         self._to_process = [queue.SimpleQueue() for _ in range(process_count)]
         self._aborts: dict[int, bytes] = {}
         self._count_lock = threading.Lock()
+        # At most ``running`` simulated processes run Python at once; the others wait
+        # in a collective or for a slot. Thousands of threads all waiting for the GIL
+        # would each wake every switch interval and spend the machine in the kernel.
+        self._slots = threading.BoundedSemaphore(running)
         self.reset_counters()
         self.communicators = [ThreadCommunicator(self, i) for i in range(process_count)]
 
@@ -63,10 +67,13 @@ class ThreadJob:
         results: list[Any] = [None] * self.process_count
 
         def body(i: int) -> None:
+            self._slots.acquire()
             try:
                 results[i] = fn(self.communicators[i])
             except BaseException as e:  # noqa: BLE001 (handed back to the caller)
                 results[i] = e
+            finally:
+                self._slots.release()
 
         previous = threading.stack_size(stack_bytes)  # thousands of threads: small stacks
         try:
@@ -126,9 +133,14 @@ class ThreadCommunicator(Communicator):
         while True:
             if (error := self._peer_abort_error(tag)) is not None:
                 raise error
+            self._job._slots.release()  # waiting: let another process run meanwhile
             try:
                 item = inbox.get(timeout=max(deadline.remaining_secs(), 1e-3))
             except queue.Empty:
+                item = None
+            finally:
+                self._job._slots.acquire()
+            if item is None:
                 if deadline.expired():
                     raise _timeout_error(deadline, tag, missing()) from None
                 continue
