@@ -290,7 +290,6 @@ def write_and_commit(
                 if not last:
                     return {_manifest.RESEND: packing}
                 raise CoordinationError(f"full manifests were asked for, but {packing}")
-            phases["steady"] = "digest" in reports[0]
             graph = record_process_values(object_graph, reports)
             packed = _packing.table_from_reports(
                 plan, [{"packed": _absolute_packing(p, data_dir)} for p in packing])
@@ -300,7 +299,7 @@ def write_and_commit(
                     packed=packed, user_metadata=user_metadata)
             phases["commit_s"] = time.perf_counter() - commit_started
             phases["commit_cpu_s"] = time.thread_time() - commit_cpu
-            if not phases["steady"]:
+            if "chunks" in reports[0]:  # checked in full: the next save may be steady
                 coordinated.remember(fingerprint, reports)
         except Exception as e:
             if staged is not None:
@@ -327,6 +326,7 @@ def write_and_commit(
     finally:
         phases["outcome_s"] = time.perf_counter() - clock
     sent.remember(fingerprint, _manifest.digest(full))
+    phases["steady"] = manifest is not full and not phases["resent"]
     return outcome
 
 
