@@ -143,11 +143,10 @@ def _layout(names: list[str], shape: list[int]) -> dict:
 
 
 def _simulated_writer(state: SimulatedState, p: int):
-    """Step 2 of process ``p``: really writes its packed small arrays, reports the rest."""
+    """Step 2 of process ``p``: really writes its small arrays (the engine's own
+    `_write_chunks`, packed or not), reports the big ones' chunks without writing."""
     def write(staged, plan, compression, packer):
-        for future in packer.write(staged, compression):
-            future.result()
-        return state.chunks(p)
+        return {**state.chunks(p), **_engine._write_chunks(staged, plan, compression, packer)}
     return write
 
 

@@ -7,6 +7,7 @@ usage (under ``python -m launch -n N --devices-per-process 1``):
   scale_worker.py restore DIR ARRAYS   restores DIR/steady onto this job's devices
   scale_worker.py fail DIR ARRAYS      a save in which process 5 raises while writing,
                                        then one in which process 7 hangs while writing
+  scale_worker.py save+fail DIR ARRAYS both, in one job (the tests' 16-process case)
 
 Every rank prints one ``RESULT {json}`` line. Values are a function of the array number
 and the global index, so each process checks its own shards without reading others'.
@@ -133,7 +134,10 @@ def main() -> None:
     mode, directory, arrays = sys.argv[1], sys.argv[2], int(sys.argv[3])
     mesh = jax.make_mesh((jax.device_count(),), ("fsdp",),
                          axis_types=(jax.sharding.AxisType.Auto,))
-    result = {"save": save, "restore": restore, "fail": fail}[mode](directory, arrays, mesh)
+    result = {}
+    for step in mode.split("+"):
+        result.update({"save": save, "restore": restore, "fail": fail}[step](
+            directory, arrays, mesh))
     print("RESULT " + json.dumps({"rank": info.process_index,
                                   "processes": info.process_count, **result}), flush=True)
 
