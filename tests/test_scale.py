@@ -34,3 +34,43 @@ def test_simulate_writes_one_row_per_process_count_and_save_kind(tmp_path):
     # The metadata file does not grow with the processes (but for digits of the mesh size).
     assert abs(rows[0]["metadata_bytes"] - rows[2]["metadata_bytes"]) < 100
     assert "gathered" in done.stdout  # the printed table
+
+
+def test_a_restoring_process_checks_only_the_chunk_files_it_reads(tmp_path):
+    # Issue 22: a host that restores its own slices must not list every host's chunk
+    # files (O(P) directory entries per array); it checks the ones it reads.
+    import os
+
+    import jax
+    import numpy as np
+    import pytest
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import dcheckpoint
+    from dcheckpoint import _bounds, _engine
+    from dcheckpoint._storage import open_storage
+    from dcheckpoint.errors import CorruptCheckpointError
+
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    w = jax.device_put(np.arange(64, dtype=np.float32).reshape(16, 4),
+                       NamedSharding(mesh, P("d", None)))
+    path = str(tmp_path / "ckpt")
+    dcheckpoint.save_pytree(path, {"w": w})
+    meta = _engine.read_metadata(path).arrays["w"]
+    storage = open_storage(path)
+    mine = [(slice(4, 8), slice(0, 4))]  # a host holding rows 4..7: chunks (2, 0), (3, 0)
+    _bounds.check_chunk_files(storage, "w", meta, path, reads=mine)
+    chunks = os.path.join(path, meta.storage_path, "c")
+    os.remove(os.path.join(chunks, "6", "0"))  # another host's chunk: not this one's concern
+    _bounds.check_chunk_files(storage, "w", meta, path, reads=mine)
+    with pytest.raises(CorruptCheckpointError, match="only 7 chunk files exist"):
+        _bounds.check_chunk_files(storage, "w", meta, path)  # the whole array
+    os.remove(os.path.join(chunks, "3", "0"))
+    with pytest.raises(CorruptCheckpointError, match=r"chunk file c/3/0 of its grid of 8 "
+                                                     r"chunks is missing"):
+        _bounds.check_chunk_files(storage, "w", meta, path, reads=mine)
+    os.symlink("/etc/hostname", os.path.join(chunks, "3", "0"))
+    with pytest.raises(CorruptCheckpointError, match="expected a regular file, found a "
+                                                     "symbolic link"):
+        _bounds.check_chunk_files(storage, "w", meta, path, reads=mine)
