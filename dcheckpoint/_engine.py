@@ -2,7 +2,8 @@
 subset onto any sharding.
 
 Save protocol: two agreement steps (``_comm.agree``: one small gather and one
-broadcast each), so the coordination cost grows with the processes, not the bytes.
+broadcast each; three when a steady-state save falls back to full manifests), so the
+coordination cost grows with the processes, not the bytes (docs/SCALING.md).
 
 1. (all) agree on the save's identity: the target path, the array table's digest, the
    compression, a digest per key of the caller's metadata dict and which agreement of
@@ -12,8 +13,14 @@ broadcast each), so the coordination cost grows with the processes, not the byte
 2. (all) write the chunks this process owns (replica 0 shards) into the staging
    location ``<prefix>.tmp-<id>/``, under the save's own data directory
    ``data-<id>/``; processes never write the same file.
-3. (all) send a manifest of what was written, or the local error, to the coordinator.
-4. (coordinator) check that every chunk of every array was written exactly once,
+3. (all) send a manifest of what was written, or the local error, to the coordinator:
+   the compact full manifest (`_manifest`: chunk ranges per group of arrays), or, when
+   this process saved the same plan before, only the plan's fingerprint, its chunk
+   count and the full manifest's digest (a steady-state save: O(1) bytes).
+4. (coordinator) check that every chunk of every array was written exactly once (from
+   full manifests with `_manifest.check_coverage`; from short ones by matching the
+   cached, checked manifests of the same plan; if they do not match, every process is
+   asked for its full manifest, one more agreement step of the same save),
    write each array's ``zarr.json``, the group nodes, then the metadata file; fsync;
    rename the staging directory to ``<prefix>``.
 5. (all) receive the outcome: every process returns the same path or raises the same
