@@ -319,7 +319,7 @@ def write_and_commit(
 
     tag = f"save manifests and outcome of {directory!r}"
     try:
-        outcome = agree(comm, manifest, functools.partial(commit, last=manifest is full),
+        outcome = agree(comm, manifest, functools.partial(commit, last=False),
                         kind="save outcome", tag=tag, timeout_secs=timeout)
         if isinstance(outcome, dict):  # the coordinator asks for every full manifest
             phases["resent"] = True

@@ -219,11 +219,12 @@ def test_other_chunk_owners_under_the_same_plan_fall_back_to_full_manifests(tmp_
     assert (again["steady"], again["resent"]) == (True, False)
 
 
-def test_a_process_without_a_cache_makes_everyone_resend(tmp_path):
+@pytest.mark.parametrize("forgetful", [2, 0])
+def test_a_process_without_a_cache_makes_everyone_resend(tmp_path, forgetful):
     job = ThreadJob(PROCESSES)
     state = _state()
     _save(job, str(tmp_path / "a"), _plans(state))
-    _manifest.caches_for(job.communicators[2])[0]._saved.clear()  # as after a restart
+    _manifest.caches_for(job.communicators[forgetful])[0]._saved.clear()  # a restart
     phases, _ = _save(job, str(tmp_path / "b"), _plans(state))
     assert (phases["steady"], phases["resent"]) == (False, True)
 
