@@ -43,7 +43,7 @@ import numpy as np
 from ._metadata import ArrayMetadata, dtype_name
 from .errors import CheckpointError, CoordinationError
 
-__all__ = ["RESEND", "plan_fingerprint", "encode_chunks", "decode_group", "digest",
+__all__ = ["RESEND", "plan_fingerprint", "encode_chunks", "digest",
            "check_coverage", "check_plans", "ProcessCache", "CoordinatorCache", "caches_for"]
 
 RESEND = "resend"  # the coordinator's answer asking every process for its full manifest
@@ -133,18 +133,12 @@ def _describe(coords: tuple[tuple[int, ...], ...]) -> list:
     return ["r", ranges]
 
 
-def decode_group(group: Any) -> tuple[np.ndarray, list | np.ndarray]:
-    """(array numbers, chunks) of one group: chunks as ranges or an (n, ndim) array.
+def _decode_chunks(chunks: Any) -> list | np.ndarray:
+    """A group's chunks: its ranges (checked), or an (n, ndim) array of coordinates.
 
     Raises:
-      ValueError: the group is malformed (the caller names the process).
+      ValueError: malformed (the caller names the process).
     """
-    if not (isinstance(group, list) and len(group) == 2):
-        raise ValueError(f"a group must be [arrays, chunks], found {_clip(group)}")
-    return _array_numbers(group[0]), _decode_chunks(group[1])
-
-
-def _decode_chunks(chunks: Any) -> list | np.ndarray:
     if not (isinstance(chunks, list) and len(chunks) == 2 and chunks[0] in ("r", "l")
             and isinstance(chunks[1], list)):
         raise ValueError(f"chunks must be ['r', ranges] or ['l', list], found {_clip(chunks)}")
