@@ -35,6 +35,7 @@ __all__ = ["memory_limit", "chunk_total", "check_restore", "check_stored",
            "LIST_ABOVE_CHUNKS"]
 
 LIST_ABOVE_CHUNKS = 4096
+_LOCAL_CHECK_CHUNKS = 1 << 16  # chunk files one process checks one by one, at most
 
 
 def memory_limit() -> int:
@@ -138,7 +139,9 @@ def _chunks_read(meta: ArrayMetadata, reads: list) -> set[tuple[int, ...]] | Non
     """The chunk coordinates the slices ``reads`` touch; None when that is most of the
     array anyway (then the whole array is checked, as cheaply)."""
     out: set[tuple[int, ...]] = set()
-    budget = chunk_total(meta)
+    # Past a bound the listing is the cheaper check (its cost is the files that
+    # exist), and a crafted grid must not make this process build a huge set.
+    budget = min(chunk_total(meta), _LOCAL_CHECK_CHUNKS)
     for index in reads:
         spans = [range(s.start // c, -(-s.stop // c)) for s, c in zip(index, meta.chunk_shape,
                                                                      strict=True)]
