@@ -74,3 +74,25 @@ def test_a_restoring_process_checks_only_the_chunk_files_it_reads(tmp_path):
     with pytest.raises(CorruptCheckpointError, match="expected a regular file, found a "
                                                      "symbolic link"):
         _bounds.check_chunk_files(storage, "w", meta, path, reads=mine)
+
+
+def test_a_wrong_simulated_save_exits_non_zero(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale", REPO_ROOT / "scripts" / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    real = scale.SimulatedState.chunks
+
+    def losing_one(self, p):  # process 1 "forgets" one chunk it wrote
+        chunks = real(self, p)
+        if p == 1:
+            path = next(iter(chunks))
+            chunks[path] = chunks[path][1:]
+        return chunks
+
+    monkeypatch.setattr(scale.SimulatedState, "chunks", losing_one)
+    code = scale.main(["--simulate", "4", "--arrays", "20", "--devices-per-process", "2",
+                       "--workdir", str(tmp_path)])
+    assert code == 1
+    assert "wrong result" in capsys.readouterr().err
