@@ -641,7 +641,8 @@ def agree(
       kind: what the step is ("save identity", "manager start", ...); processes making
         different kinds of step fail with a CoordinationError that names them.
       tag: names the step in timeout messages.
-      timeout_secs: bound on each of the gather and the broadcast.
+      timeout_secs: bound on the gather and on the coordinator's broadcast; the other
+        processes wait up to twice as long for the reply (so a hung peer is named).
 
     Returns:
       ``decide``'s result, on every process.
@@ -665,7 +666,12 @@ def agree(
             original = error
             reply = {"error": _error_message(error), "kind": error_kind(error)}
         reply = json.dumps(reply).encode()
-    reply = comm.broadcast(reply, tag=tag, timeout_secs=timeout_secs)
+    # The other processes wait twice as long for the reply as the coordinator waits
+    # for them: when one process hangs, the coordinator's timeout, which names it,
+    # must reach everybody (as its abort) before their own timeouts, which could only
+    # name the coordinator.
+    reply = comm.broadcast(reply, tag=tag, timeout_secs=timeout_secs * (
+        1 if comm.is_coordinator else 2))
     try:
         document = json.loads(reply)
         if "error" in document:

@@ -2,7 +2,8 @@
 subset onto any sharding.
 
 Save protocol: two agreement steps (``_comm.agree``: one small gather and one
-broadcast each), so the coordination cost grows with the processes, not the bytes.
+broadcast each; three when a steady-state save falls back to full manifests), so the
+coordination cost grows with the processes, not the bytes (docs/SCALING.md).
 
 1. (all) agree on the save's identity: the target path, the array table's digest, the
    compression, a digest per key of the caller's metadata dict and which agreement of
@@ -12,8 +13,14 @@ broadcast each), so the coordination cost grows with the processes, not the byte
 2. (all) write the chunks this process owns (replica 0 shards) into the staging
    location ``<prefix>.tmp-<id>/``, under the save's own data directory
    ``data-<id>/``; processes never write the same file.
-3. (all) send a manifest of what was written, or the local error, to the coordinator.
-4. (coordinator) check that every chunk of every array was written exactly once,
+3. (all) send a manifest of what was written, or the local error, to the coordinator:
+   the compact full manifest (`_manifest`: chunk ranges per group of arrays), or, when
+   this process saved the same plan before, only the plan's fingerprint, its chunk
+   count and the full manifest's digest (a steady-state save: O(1) bytes).
+4. (coordinator) check that every chunk of every array was written exactly once (from
+   full manifests with `_manifest.check_coverage`; from short ones by matching the
+   cached, checked manifests of the same plan; if they do not match, every process is
+   asked for its full manifest, one more agreement step of the same save),
    write each array's ``zarr.json``, the group nodes, then the metadata file; fsync;
    rename the staging directory to ``<prefix>``.
 5. (all) receive the outcome: every process returns the same path or raises the same
@@ -50,7 +57,7 @@ from typing import Any, NoReturn
 import jax
 import numpy as np
 
-from . import _orbax, _packing, errors
+from . import _manifest, _orbax, _packing, errors
 from . import _tensorstore as tsio
 from ._bounds import check_restore
 from ._comm import (
@@ -208,6 +215,15 @@ def _host_snapshot(data) -> np.ndarray:
     return np.array(data, copy=True)
 
 
+# Per-phase timings of the last save each process of this interpreter made, by process
+# index (one entry in a real job; every simulated process under `_threadcomm`), for
+# scripts/scale.py: seconds of the identity step, of this process's writes, of the
+# manifests-and-outcome step (waiting for the slowest writer, the coordinator's check
+# and commit included), and on the coordinator of its check and its commit; ``steady``
+# when the save was proven from cached manifests, ``resent`` when it fell back to them.
+LAST_SAVE_PHASES: dict[int, dict[str, Any]] = {}
+
+
 @_gc_paused_unless_async
 def write_and_commit(
     directory: str,
@@ -217,10 +233,14 @@ def write_and_commit(
     options: CheckpointOptions | None = None,
     comm: Communicator | None = None,
     user_metadata: dict | None = None,
+    writer=None,
 ) -> str:
     """Steps 1-5 of the save protocol for an already planned save.
 
     ``user_metadata``: the caller's checked JSON dict, stored in the metadata file.
+    ``writer``: stands in for step 2's chunk writes, called like `_write_chunks` and
+    returning the same ``{path: [chunk coordinates]}`` (scripts/scale.py simulates
+    thousands of processes with it; None writes).
 
     Collective; callers run it through ``_comm.run_ordered`` (or ``_comm.submit``) so
     that it takes its place in the job's one order of collectives.
@@ -228,6 +248,9 @@ def write_and_commit(
     options = options or CheckpointOptions()
     comm = comm or default_communicator()
     timeout = options.timeout_secs
+    phases: dict[str, Any] = {"steady": False, "resent": False}
+    LAST_SAVE_PHASES[comm.process_index] = phases
+    clock = time.perf_counter()
 
     # 1. (all) agree on which save this is; (coordinator) choose its id.
     try:
@@ -239,13 +262,15 @@ def write_and_commit(
         target, identity = None, {"error": f"process {comm.process_index}: {_describe(e)}"}
     save_id = agree(comm, identity, _decide_save_id, kind="save",
                     tag=f"save identity of {directory!r}", timeout_secs=timeout)
+    fingerprint = _manifest.plan_fingerprint(plan.arrays, comm.process_count)
     data_dir = data_dir_name(save_id)
     packed_root = f"{data_dir}/{_packing.root_name(plan.arrays)}"  # beside the arrays
     plan = _in_data_dir(plan, data_dir)
+    phases["agree_s"], clock = time.perf_counter() - clock, time.perf_counter()
 
-    # 2. (all) write owned chunks; 3. (all) report them to the coordinator.
-    manifest: dict[str, Any] = {"process": comm.process_index,
-                                "values": plan.process_values}
+    # 2. (all) write owned chunks; 3. (all) report them to the coordinator: the full
+    # manifest, or (a plan this process saved before) its fingerprint and digest.
+    full: dict[str, Any] = {"process": comm.process_index, "values": plan.process_values}
     staged = local_error = None
     replaced: list[str] = []  # (coordinator, object stores) data of earlier saves
     try:
@@ -255,34 +280,82 @@ def write_and_commit(
                         if name.startswith(_DATA_DIR_PREFIX) and name != data_dir]
         packer = _packing.Packer(plan, comm.process_index, options.pack_below_bytes,
                                  root=packed_root)
-        manifest["chunks"] = _write_chunks(staged, plan, options.compression, packer)
-        manifest["packed"] = packer.report()
+        chunks = (writer or _write_chunks)(staged, plan, options.compression, packer)
+        full["chunks"], full["count"] = _manifest.encode_chunks(sorted(plan.arrays), chunks)
+        full["packed"] = _relative_packing(packer.report(), data_dir)
+        full["plan"] = fingerprint
     except Exception as e:  # reported to every process through the coordinator
-        manifest["error"] = f"process {comm.process_index}: {_describe(e)}"
+        full["error"] = f"process {comm.process_index}: {_describe(e)}"
         local_error = e
+    phases["write_s"], clock = time.perf_counter() - clock, time.perf_counter()
+    sent, coordinated = _manifest.caches_for(comm)
+    manifest = full
+    if "error" not in full and sent.knows(fingerprint):
+        manifest = {"process": full["process"], "values": full["values"],
+                    "plan": fingerprint, "count": full["count"],
+                    "digest": _manifest.digest(full)}
 
     # 4. (coordinator) verify and commit; 5. (all) receive the outcome.
-    def commit(reports: list[dict]) -> str:
+    def commit(reports: list[dict], *, last: bool) -> str | dict:
+        started, cpu = time.perf_counter(), time.thread_time()
         try:
-            _check_manifests(plan, reports)
+            packing = _check_manifests(plan, reports, fingerprint, coordinated)
+            if isinstance(packing, str):  # a steady-state save that does not match
+                if not last:
+                    return {_manifest.RESEND: packing}
+                raise CoordinationError(f"full manifests were asked for, but {packing}")
             graph = record_process_values(object_graph, reports)
-            packed = _packing.table_from_reports(plan, reports)
+            packed = _packing.table_from_reports(
+                plan, [{"packed": _absolute_packing(p, data_dir)} for p in packing])
+            phases["check_s"] = time.perf_counter() - started
+            commit_started, commit_cpu = time.perf_counter(), time.thread_time()
             _commit(target, staged, plan, graph, options.compression, comm, replaced,
                     packed=packed, user_metadata=user_metadata)
+            phases["commit_s"] = time.perf_counter() - commit_started
+            phases["commit_cpu_s"] = time.thread_time() - commit_cpu
+            if "chunks" in reports[0]:  # checked in full: the next save may be steady
+                coordinated.remember(fingerprint, reports)
         except Exception as e:
             if staged is not None:
                 staged.remove_tree()  # every writer is done (they sent their manifests)
             error_type = getattr(errors, error_kind(e))
             raise error_type(f"Saving checkpoint {directory!r} failed: {_describe(e)}") from e
+        finally:
+            phases["decide_cpu_s"] = time.thread_time() - cpu
         return directory
 
+    tag = f"save manifests and outcome of {directory!r}"
     try:
-        return agree(comm, manifest, commit, kind="save outcome",
-                     tag=f"save manifests and outcome of {directory!r}", timeout_secs=timeout)
+        outcome = agree(comm, manifest, functools.partial(commit, last=False),
+                        kind="save outcome", tag=tag, timeout_secs=timeout)
+        if isinstance(outcome, dict):  # the coordinator asks for every full manifest
+            phases["resent"] = True
+            outcome = agree(comm, full, functools.partial(commit, last=True),
+                            kind="save outcome", tag=f"full {tag}", timeout_secs=timeout)
     except CheckpointError as e:
+        sent.forget(fingerprint)
         if local_error is not None:  # this process's own failure is the cause to show
             e.__cause__ = local_error
         raise
+    finally:
+        phases["outcome_s"] = time.perf_counter() - clock
+    sent.remember(fingerprint, _manifest.digest(full))
+    phases["steady"] = manifest is not full and not phases["resent"]
+    return outcome
+
+
+def _relative_packing(report: dict, data_dir: str) -> dict:
+    """A packing report with its array names relative to the save's data directory,
+    so the same plan gives the same report (and digest) in every save."""
+    arrays = {name.removeprefix(f"{data_dir}/"): part
+              for name, part in report.get("arrays", {}).items()}
+    return {**report, "arrays": arrays}
+
+
+def _absolute_packing(report: dict | None, data_dir: str) -> dict:
+    report = report or {}
+    arrays = {f"{data_dir}/{name}": part for name, part in report.get("arrays", {}).items()}
+    return {**report, "arrays": arrays}
 
 
 def _decide_save_id(identities: list[dict]) -> str:
@@ -367,7 +440,7 @@ def _write_chunks(staged, plan: SavePlan, compression,
     for item in plan.writes:
         by_path.setdefault(item.path, []).append(item)
     packed_paths = {p for p in by_path if packer and packer.holds(p)}
-    chunks = {path: [list(i.chunk) for i in items] for path, items in by_path.items()}
+    chunks = {path: [i.chunk for i in items] for path, items in by_path.items()}
     by_path = {p: items for p, items in by_path.items() if p not in packed_paths}
     opens = {
         path: tsio.open_for_write(
@@ -392,24 +465,31 @@ def _write_chunks(staged, plan: SavePlan, compression,
     return chunks
 
 
-def _check_manifests(plan: SavePlan, reports: list[dict]) -> None:
-    """(coordinator) Every chunk of every array written exactly once, by someone."""
+def _check_manifests(plan: SavePlan, reports: list[dict], fingerprint: str,
+                     cache: _manifest.CoordinatorCache) -> list | str:
+    """(coordinator) Every chunk of every array written exactly once, by someone.
+
+    Full manifests are checked chunk by chunk (`_manifest.check_coverage`); short ones
+    (every process saved this plan before) must match the checked manifests cached for
+    it, chunk counts and digests alike.
+
+    Returns:
+      Each process's packing report, or why the short manifests cannot be trusted
+      (then every process sends its full manifest).
+    Raises:
+      CheckpointError: a process failed, or the chunks are not covered exactly once.
+    """
     failures = [r["error"] for r in reports if "error" in r]
     if failures:
         raise CheckpointError("; ".join(failures))
-    for path, meta in plan.arrays.items():
-        expected = math.prod(meta.chunk_grid)  # 1 for a scalar, 0 for a zero-size array
-        seen: dict[tuple, int] = {}
-        for r in reports:
-            for chunk in r["chunks"].get(path, []):
-                seen[tuple(chunk)] = seen.get(tuple(chunk), 0) + 1
-        twice = [list(c) for c, n in seen.items() if n > 1]
-        if twice or len(seen) != expected:
-            raise CheckpointError(
-                f"Array {path!r}: expected {expected} chunks written once each, found "
-                f"{len(seen)} distinct chunks, {len(twice)} written more than once "
-                f"(first: {twice[:3]})"
-            )
+    if all("chunks" in r for r in reports):
+        _manifest.check_plans(fingerprint, reports)
+        _manifest.check_coverage(plan.arrays, reports)
+        return [r.get("packed") for r in reports]
+    if not all("digest" in r for r in reports):
+        return "some processes sent full manifests, others short ones"
+    cached = cache.match(fingerprint, reports)
+    return cached if isinstance(cached, str) else [c["packed"] for c in cached]
 
 
 def _commit(target, staged, plan: SavePlan, object_graph, compression, comm,
