@@ -42,6 +42,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from dcheckpoint import errors
 from dcheckpoint.errors import CheckpointError, CoordinationError, CoordinationTimeoutError
 
@@ -214,6 +216,39 @@ class Communicator(abc.ABC):
         self.gather(b"", tag=tag, timeout_secs=timeout_secs)
         self.broadcast(b"" if self.is_coordinator else None, tag=tag, timeout_secs=timeout_secs)
 
+    def exchange(self, sends: dict[int, list], receives: dict[int, int], *, tag: str,
+                 timeout_secs: float) -> dict[int, list]:
+        """Point-to-point transfers of byte buffers (all processes, even with nothing).
+
+        Every process calls it at the same point, so it keeps the collectives matched:
+        each sends ``sends[p]`` (buffers: bytes or contiguous numpy arrays) to process
+        ``p`` and receives ``receives[q]`` messages from process ``q``, in the order
+        ``q`` sent them. Bulk data goes straight between the two processes (the local
+        tier's peer copies and restores), never through the coordinator.
+
+        Returns:
+            {q: [uint8 numpy arrays, in q's order]}.
+
+        Raises:
+            CoordinationTimeoutError: a transfer did not finish within ``timeout_secs``.
+            CheckpointError: this communicator carries no point-to-point transfers.
+        """
+        if self.process_index in sends or self.process_index in receives:
+            raise ValueError(f"{tag}: a process does not exchange with itself")
+        return self._run(
+            lambda seq, deadline: self._exchange(sends, receives, tag, deadline, seq),
+            tag, timeout_secs)
+
+    def _exchange(self, sends, receives, tag, deadline, sequence) -> dict[int, list]:
+        """See :meth:`exchange`; called with the lock held."""
+        if not any(sends.values()) and not any(receives.values()):
+            return {q: [] for q in receives}
+        raise CheckpointError(
+            f"{tag}: {type(self).__name__} has no point-to-point transfers; the local "
+            "tier needs the MPI communicator (start the job under mpiexec and call "
+            "launch.initialize())"
+        )
+
     def _run(self, collective, tag: str, timeout_secs: float):
         """Runs one collective: refuses if broken, numbers it, breaks on failure."""
         deadline = _Deadline(timeout_secs)
@@ -292,6 +327,13 @@ class LocalCommunicator(Communicator):
 
     def _broadcast(self, payload, tag, deadline, sequence):
         return payload
+
+
+def _as_bytes(buffer):
+    """A flat uint8 view of ``buffer`` (bytes, or a contiguous numpy array of any dtype)."""
+    if isinstance(buffer, (bytes, bytearray, memoryview)):
+        return np.frombuffer(buffer, np.uint8)
+    return np.ascontiguousarray(buffer).reshape(-1).view(np.uint8)
 
 
 def _poll(step, deadline: _Deadline, on_timeout) -> None:
@@ -379,6 +421,35 @@ class MPICommunicator(Communicator):
                 if entry is not None and not entry[0].Test():
                     entry[0].Cancel()
         return [received[rank] for rank in range(self.process_count)]
+
+    def _exchange(self, sends, receives, tag, deadline, sequence):
+        byte = self._mpi.BYTE
+        mpi_tag = self._tag(sequence)
+        requests = [self._comm.Isend([_as_bytes(buffer), byte], dest=p, tag=mpi_tag)
+                    for p, buffers in sends.items() for buffer in buffers]
+        # Matched probes (Improbe) take q's messages one at a time, in q's send order
+        # (MPI never lets two messages of one sender and tag overtake each other).
+        posted: dict[int, list] = {q: [] for q in receives}
+
+        def step():
+            if (error := self._peer_abort_error(tag)) is not None:
+                raise error
+            for q, count in receives.items():
+                while len(posted[q]) < count:
+                    status = self._mpi.Status()
+                    message = self._comm.Improbe(source=q, tag=mpi_tag, status=status)
+                    if message is None:
+                        break
+                    buffer = np.empty(status.Get_count(byte), np.uint8)
+                    posted[q].append((message.Irecv([buffer, byte]), buffer))
+            waiting = [q for q in receives if len(posted[q]) < receives[q]
+                       or not all(r.Test() for r, _ in posted[q])]
+            sending = [r for r in requests if not r.Test()]
+            return waiting + (["sends"] if sending else [])
+
+        _poll(step, deadline, lambda missing: _timeout_error(
+            deadline, tag, [m for m in missing if m != "sends"] or sorted(sends)))
+        return {q: [buffer for _, buffer in posted[q]] for q in receives}
 
     def _wait_sent(self, sends: dict, tag: str, deadline: _Deadline) -> None:
         def step():

@@ -1,0 +1,562 @@
+"""The local tier: fast saves to each host's own disk or tmpfs, with a copy on a peer.
+
+A local save writes this process's replica-0 shards ("pieces", each named by its array
+path and global index, never by a process id) under ``<local dir>/step-<N>/own/``, and
+a copy of the previous process's pieces, sent to it point to point, under ``peer/``:
+process ``p`` keeps its own pieces and those of ``(p - 1) % n``, so losing any one
+host's directory loses no piece. Protocol of one save, with roles:
+
+  1. (all, caller's thread) plan and snapshot this process's shards to host memory;
+     the rest runs on the collectives thread, in the job's one order of collectives.
+  2. (all) write own pieces (raw bytes, a checksum each) and ``metadata.json``.
+  3. (all) send own pieces to ``(p + 1) % n``; receive and write ``(p - 1) % n``'s.
+  4. (all) report success to the coordinator; (coordinator) if every process wrote
+     both copies, commit: choose the save's id and time.
+  5. (all) write ``COMMITTED`` (the id) atomically; then apply retention locally.
+
+A step without ``COMMITTED`` (a save killed midway) is never restored from. Nothing is
+fsynced: the tier survives the death of processes, not of the host (tmpfs would not
+survive a reboot anyway); the persistent tier is for that.
+
+Restore (`LocalTier.open`, then `LocalRestore.read`; all processes):
+  1. (all) send the coordinator an inventory: every committed step ``>= min_step`` held
+     locally, with the pieces (own and peer copies) and each array's element count.
+  2. (coordinator) choose the newest (step, save) whose held pieces cover every
+     element of every array; else none, with the reason. (all) get the metadata from
+     a holder if this directory lacks the step (a replaced host).
+  3. (all) plan reads for the restore target's sharding (any mesh, any process
+     count) and send the pieces they need; (coordinator) assign each one to a holder:
+     the requester itself when it has a copy, else the least loaded holder.
+  4. (all) read and verify (checksum) the pieces they serve; a bad copy is reported,
+     dropped, and the assignment made again without it; a step whose needed piece has
+     no good copy left is given up (`LocalStepUnusable`), never partly restored.
+  5. (all) send the served pieces point to point, then build each target slice from
+     the pieces that overlap it. Pieces of one save only: steps are never mixed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+import uuid
+import zlib
+from collections.abc import Mapping
+from concurrent.futures import Future
+from typing import Any
+
+import jax
+import numpy as np
+
+from . import _tensorstore as tsio
+from ._comm import Communicator, agree, default_communicator, run_ordered, submit
+from ._engine import snapshot
+from ._metadata import CheckpointMetadata, decode_metadata, encode_metadata
+from ._options import CheckpointOptions
+from ._plan import SavePlan, finish_read, plan_read, plan_save
+from .errors import CheckpointError
+
+try:  # 3-4x faster than zlib's crc32 where installed (zarr brings it)
+    import google_crc32c as _crc32c
+except ImportError:  # pragma: no cover
+    _crc32c = None
+
+__all__ = ["LocalTier", "LocalRestore", "LocalStepUnusable", "describe_local_directory"]
+
+logger = logging.getLogger(__name__)
+
+STEP_PREFIX = "step-"
+COMMITTED = "COMMITTED"
+METADATA = "metadata.json"
+_KINDS = ("own", "peer")
+_IO_THREADS = 4
+
+
+class LocalStepUnusable(CheckpointError):
+    """The chosen local step lost a piece it needs (bad checksums); open another."""
+
+
+def _checksum(buffer: np.ndarray) -> tuple[str, int]:
+    data = buffer.reshape(-1).view(np.uint8)
+    if _crc32c is not None:
+        return "crc32c", _crc32c.value(data)
+    return "crc32", zlib.crc32(data)
+
+
+def _verify(buffer: np.ndarray, algorithm: str, expected: int) -> bool:
+    data = buffer.reshape(-1).view(np.uint8)
+    if algorithm == "crc32c" and _crc32c is not None:
+        return _crc32c.value(data) == expected
+    if algorithm == "crc32":
+        return zlib.crc32(data) == expected
+    return False  # a checksum this process cannot compute: never trust the copy
+
+
+def piece_key(path: str, index) -> str:
+    """The global name of a piece: its array path and global bounds (JSON)."""
+    return json.dumps([path, [[s.start, s.stop] for s in index]])
+
+
+def _bounds(key: str) -> tuple[str, tuple[tuple[int, int], ...]]:
+    path, bounds = json.loads(key)
+    return path, tuple((int(a), int(b)) for a, b in bounds)
+
+
+def _step_of(name: str) -> int | None:
+    digits = name[len(STEP_PREFIX):]
+    if name.startswith(STEP_PREFIX) and digits.isascii() and digits.isdigit():
+        return int(digits)
+    return None
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as f:
+        f.write(data)
+    os.replace(temporary, path)
+
+
+def _read_json(path: str) -> Any:
+    with open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+class LocalTier:
+    """The local tier of one job: a node-local directory per process (see module doc).
+
+    Args:
+      directory: this process's node-local directory (tmpfs or local disk). It belongs
+        to the host, not to a rank: a restarted job may give it to another rank.
+      max_to_keep: committed local steps kept in each directory.
+      comm: the job's communicator (default: `default_communicator`).
+      timeout_secs: bound on every wait of the protocol.
+    """
+
+    def __init__(self, directory, *, max_to_keep: int = 2, comm: Communicator | None = None,
+                 timeout_secs: float | None = None):
+        if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
+            raise ValueError(f"local_max_to_keep must be a positive int, got {max_to_keep!r}")
+        self.directory = os.fspath(directory)
+        self.max_to_keep = max_to_keep
+        self._comm = comm or default_communicator()
+        self._timeout = timeout_secs or CheckpointOptions().timeout_secs
+        self._pending: Future | None = None
+        self._bad: set[tuple[str, str, str]] = set()  # (save id, piece key, kind) failed
+        os.makedirs(self.directory, exist_ok=True)
+
+    # -- saving ---------------------------------------------------------------------
+
+    @property
+    def steps(self) -> list[int]:
+        """The committed steps in this process's directory (its own view), oldest first."""
+        return sorted(step for step, _ in self._committed())
+
+    def save(self, step: int, arrays: Mapping[str, Any], *, object_graph: Any = None,
+             user_metadata: dict | None = None) -> None:
+        """Starts a local save of ``arrays`` as ``step`` (all processes, same step).
+
+        Returns once this process's shards are in host memory; writing, the peer copy
+        and the commit run on the collectives thread. The previous local save is
+        waited for first, and its error raised here.
+        """
+        self.sync()
+        plan = snapshot(plan_save(arrays, is_coordinator=self._comm.is_coordinator))
+        meta = encode_metadata(CheckpointMetadata(
+            arrays=plan.arrays, object_graph=object_graph, save_time=time.time(),
+            writer={"process_count": self._comm.process_count,
+                    "hostname": socket.gethostname(), "jax_version": jax.__version__,
+                    "tier": "local"},
+            user_metadata=user_metadata))
+        self._pending = submit(lambda: self._save_step(int(step), plan, meta))
+
+    def sync(self) -> None:
+        """Waits for the local save in flight; raises its error if it failed."""
+        future, self._pending = self._pending, None
+        if future is not None:
+            future.result()
+
+    def _save_step(self, step: int, plan: SavePlan, meta: bytes) -> None:
+        """Steps 2-5 of the save protocol (all processes, on the collectives thread)."""
+        started = time.perf_counter()
+        comm, n, me = self._comm, self._comm.process_count, self._comm.process_index
+        where = os.path.join(self.directory, f"{STEP_PREFIX}{step}")
+        pieces = [(piece_key(w.path, w.index), np.ascontiguousarray(w.data))
+                  for w in plan.writes]
+        error = None
+        try:
+            shutil.rmtree(where, ignore_errors=True)  # an older save of this step
+            os.makedirs(where)
+            with open(os.path.join(where, METADATA), "wb") as f:
+                f.write(meta)
+            _write_pieces(where, "own", pieces)
+        except Exception as e:  # the others still need our copy; reported in step 4
+            error = f"process {me}: writing own pieces in {where}: {type(e).__name__}: {e}"
+        if n > 1:
+            after, before = (me + 1) % n, (me - 1) % n
+            header = json.dumps([key for key, _ in pieces]).encode()
+            tag = f"local save of step {step}"
+            got = comm.exchange({after: [header]}, {before: 1}, tag=tag + " (piece list)",
+                                timeout_secs=self._timeout)
+            keys = json.loads(got[before][0].tobytes())
+            got = comm.exchange({after: [data for _, data in pieces]}, {before: len(keys)},
+                                tag=tag + " (pieces)", timeout_secs=self._timeout)
+            if error is None:
+                try:
+                    _write_pieces(where, "peer", list(zip(keys, got[before], strict=True)),
+                                  source=before)
+                except Exception as e:
+                    error = (f"process {me}: writing the peer copy in {where}: "
+                             f"{type(e).__name__}: {e}")
+
+        def commit(reports: list[dict]) -> dict:
+            failures = [r["error"] for r in reports if r.get("error")]
+            if failures:
+                raise CheckpointError(f"Local save of step {step} failed: "
+                                      + "; ".join(failures))
+            return {"save": uuid.uuid4().hex[:12], "time": time.time()}
+
+        decided = agree(comm, {"step": step, "error": error}, commit, kind="local save",
+                        tag=f"local save outcome of step {step}", timeout_secs=self._timeout)
+        _write_atomic(os.path.join(where, COMMITTED), json.dumps(
+            {"step": step, "process_count": n, **decided}).encode())
+        self._apply_retention()
+        nbytes = sum(data.nbytes for _, data in pieces)
+        logger.info("local save of step %d: %d own bytes (+ a peer copy) in %.3f s at %s",
+                    step, nbytes, time.perf_counter() - started, where)
+
+    def _committed(self) -> list[tuple[int, dict]]:
+        found = []
+        for name in os.listdir(self.directory):
+            step = _step_of(name)
+            if step is None:
+                continue
+            try:
+                marker = _read_json(os.path.join(self.directory, name, COMMITTED))
+            except (OSError, ValueError):
+                continue
+            if isinstance(marker, dict) and marker.get("step") == step:
+                found.append((step, marker))
+        return found
+
+    def _apply_retention(self) -> None:
+        """Keeps the newest ``max_to_keep`` committed steps; removes older ones and the
+        leftovers of interrupted saves older than the newest commit (this process)."""
+        committed = sorted(step for step, _ in self._committed())
+        keep = set(committed[-self.max_to_keep:])
+        newest = committed[-1] if committed else None
+        for name in os.listdir(self.directory):
+            step = _step_of(name)
+            if step is None or step in keep:
+                continue
+            if step in committed or (newest is not None and step < newest):
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+    # -- restoring ------------------------------------------------------------------
+
+    def open(self, min_step: int | None = None, *, step: int | None = None
+             ) -> LocalRestore | str:
+        """Agrees on the newest complete local step (all processes; collective).
+
+        Args:
+          min_step: only steps at least this new (the newest persistent step).
+          step: only this step.
+
+        Returns:
+          A `LocalRestore` of the chosen step, or the reason there is none (the same
+          on every process).
+        """
+        self.sync()
+        inventory = self._inventory(min_step if step is None else step)
+        if step is not None:
+            inventory = [s for s in inventory if s["step"] == step]
+        tag = "local tier restore: choosing the step"
+        decided = run_ordered(lambda: agree(
+            self._comm, inventory, _choose_step, kind="local open", tag=tag,
+            timeout_secs=self._timeout))
+        if decided.get("step") is None:
+            return decided["why"]
+        mine = next((s for s in inventory if s["save"] == decided["save"]), None)
+        meta_bytes = self._metadata_of(decided, mine)
+        metadata = decode_metadata(meta_bytes, source=f"local step {decided['step']}")
+        return LocalRestore(self, decided, metadata)
+
+    def _inventory(self, min_step: int | None) -> list[dict]:
+        """What this directory holds of each committed step >= min_step (step 1)."""
+        held = []
+        for step, marker in self._committed():
+            if min_step is not None and step < min_step:
+                continue
+            where = os.path.join(self.directory, f"{STEP_PREFIX}{step}")
+            pieces: dict[str, list] = {}
+            try:
+                meta = decode_metadata(_read(os.path.join(where, METADATA)), source=where)
+                for kind in _KINDS:
+                    index = os.path.join(where, f"{kind}.json")
+                    if not os.path.exists(index):
+                        continue
+                    for entry in _read_json(index)["pieces"]:
+                        if (marker["save"], entry["key"], kind) not in self._bad:
+                            pieces.setdefault(entry["key"], [kind, entry["nbytes"]])
+            except (OSError, ValueError, KeyError, CheckpointError) as e:
+                logger.warning("local tier: ignoring step %d in %s: %s", step, where, e)
+                continue
+            held.append({"step": step, "save": marker["save"], "time": marker["time"],
+                         "arrays": {p: math.prod(m.shape) for p, m in meta.arrays.items()},
+                         "pieces": pieces})
+        return held
+
+    def _metadata_of(self, decided: dict, mine: dict | None) -> bytes:
+        """This step's metadata: local, else sent by a holder (a replaced host)."""
+        source, lacking = decided["metadata_from"], decided["lacking"]
+        me = self._comm.process_index
+        data = None
+        if mine is not None:
+            data = _read(os.path.join(self.directory, f"{STEP_PREFIX}{decided['step']}",
+                                      METADATA))
+        sends = {p: [data] for p in lacking} if me == source else {}
+        receives = {source: 1} if me in lacking else {}
+        got = run_ordered(lambda: self._comm.exchange(
+            sends, receives, tag="local tier restore: metadata", timeout_secs=self._timeout))
+        return data if me not in lacking else got[source][0].tobytes()
+
+    def step_path(self, step: int) -> str:
+        return os.path.join(self.directory, f"{STEP_PREFIX}{step}")
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write_pieces(where: str, kind: str, pieces: list[tuple[str, np.ndarray]],
+                  source: int | None = None) -> None:
+    """Writes ``pieces`` as ``<kind>/<i>.bin`` and their index ``<kind>.json``."""
+    folder = os.path.join(where, kind)
+    os.makedirs(folder, exist_ok=True)
+
+    def write(i_piece):
+        i, (key, data) = i_piece
+        flat = data.reshape(-1).view(np.uint8)
+        algorithm, value = _checksum(flat)
+        with open(os.path.join(folder, f"{i}.bin"), "wb") as f:
+            f.write(memoryview(flat))
+        return {"key": key, "file": f"{kind}/{i}.bin", "nbytes": int(flat.nbytes),
+                "checksum": algorithm, "value": value}
+
+    with cf.ThreadPoolExecutor(_IO_THREADS) as pool:
+        entries = list(pool.map(write, enumerate(pieces)))
+    _write_atomic(os.path.join(where, f"{kind}.json"),
+                  json.dumps({"source_process": source, "pieces": entries}).encode())
+
+
+def _volume(bounds) -> int:
+    return math.prod(b - a for a, b in bounds)
+
+
+def _choose_step(inventories: list[list[dict]]) -> dict:
+    """(coordinator) The newest complete (step, save), with every piece's holders."""
+    candidates: dict[tuple[int, str], dict] = {}
+    for process, steps in enumerate(inventories):
+        for s in steps:
+            c = candidates.setdefault((s["step"], s["save"]), {
+                "step": s["step"], "save": s["save"], "time": s["time"],
+                "arrays": s["arrays"], "holders": {}, "processes": []})
+            c["processes"].append(process)
+            for key, (kind, nbytes) in s["pieces"].items():
+                c["holders"].setdefault(key, []).append([process, kind, nbytes])
+    reasons = []
+    for c in sorted(candidates.values(), key=lambda c: (c["step"], c["time"]), reverse=True):
+        covered: dict[str, int] = {}
+        for key in c["holders"]:
+            path, bounds = _bounds(key)
+            covered[path] = covered.get(path, 0) + _volume(bounds)
+        short = sorted(p for p, numel in c["arrays"].items() if covered.get(p, 0) != numel)
+        if short:
+            reasons.append(f"step {c['step']} has no live copy of parts of {short[:3]}")
+            continue
+        lacking = [p for p in range(len(inventories)) if p not in c["processes"]]
+        return {"step": c["step"], "save": c["save"], "holders": c["holders"],
+                "metadata_from": min(c["processes"]), "lacking": lacking}
+    if not candidates:
+        reasons.append("no committed local step new enough in any process's directory")
+    return {"step": None, "why": "; ".join(reasons)}
+
+
+def _assign(requests: list[dict], holders: dict[str, list]) -> dict:
+    """(coordinator) Who serves each needed piece: the requester if it holds a good
+    copy, else the holder with the fewest bytes to send so far (own copies first)."""
+    bad = {(p, key, kind) for p, r in enumerate(requests) for key, kind in r["bad"]}
+    live = {key: [h for h in hs if (h[0], key, h[1]) not in bad] for key, hs in holders.items()}
+    load = [0] * len(requests)
+    plans = [{"local": [], "send": {}, "recv": {}} for _ in requests]
+    for requester, r in enumerate(requests):
+        for key in r["needs"]:
+            copies = live.get(key) or []
+            if not copies:  # a value, not an error: every process must raise the same
+                return {"unusable": f"piece {key} has no copy with a good checksum left"}
+            here = [h for h in copies if h[0] == requester]
+            if here:
+                plans[requester]["local"].append([key, here[0][1]])
+                continue
+            process, kind, nbytes = min(copies, key=lambda h: (load[h[0]], h[1] != "own"))
+            load[process] += nbytes
+            plans[process]["send"].setdefault(str(requester), []).append([key, kind])
+            plans[requester]["recv"].setdefault(str(process), []).append(key)
+    return {"plans": plans}
+
+
+class LocalRestore:
+    """One agreed local step, ready to be read onto any target (see module doc)."""
+
+    def __init__(self, tier: LocalTier, decided: dict, metadata: CheckpointMetadata):
+        self.tier, self.metadata = tier, metadata
+        self.step, self.save = decided["step"], decided["save"]
+        self._holders = decided["holders"]
+        self._where = self.where = tier.step_path(self.step)
+        self._index: dict[tuple[str, str], dict] | None = None
+
+    def read(self, targets: Mapping[str, Any]) -> dict[str, Any]:
+        """Reads ``targets`` ({path: target}, as `_engine.restore_arrays`) from this
+        step (all processes, the same paths; collective).
+
+        Raises:
+          LocalStepUnusable: a needed piece has no good copy left (every process).
+        """
+        comm, timeout = self.tier._comm, self.tier._timeout
+        plans = {path: plan_read(path, self.metadata.arrays[path], target)
+                 for path, target in targets.items()}
+        by_array: dict[str, list] = {}
+        for key in self._holders:
+            path, bounds = _bounds(key)
+            by_array.setdefault(path, []).append((key, bounds))
+        needs = sorted({key for path, (_, reads) in plans.items() for read in reads
+                        for key, _ in _overlapping(by_array.get(path, ()), read.index)})
+        bad: list[list[str]] = []
+        while True:
+            decided = self._agree({"needs": needs, "bad": bad},
+                                  lambda rs: _assign(rs, self._holders), "local read plan",
+                                  "local tier restore: assigning pieces")
+            if "unusable" in decided:
+                raise LocalStepUnusable(
+                    f"local step {self.step} cannot be restored: {decided['unusable']}")
+            plan = decided["plans"][comm.process_index]
+            served = {tuple(x) for x in plan["local"]} | {
+                tuple(x) for xs in plan["send"].values() for x in xs}
+            data, failed = self._load(served)
+            any_bad = self._agree(failed, any, "local read check",
+                                  "local tier restore: checksums")
+            if not any_bad:
+                break
+            for key, kind in failed:
+                logger.warning("local tier: %s copy of piece %s in %s fails its checksum; "
+                               "using another copy", kind, key, self._where)
+                self.tier._bad.add((self.save, key, kind))
+            bad += failed
+        sends = {int(p): [data[tuple(x)] for x in xs] for p, xs in plan["send"].items()}
+        receives = {int(p): len(keys) for p, keys in plan["recv"].items()}
+        got = run_ordered(lambda: comm.exchange(sends, receives, tag="local tier restore: pieces",
+                                             timeout_secs=timeout))
+        pieces = {key: data[(key, kind)] for key, kind in plan["local"]}
+        for p, keys in plan["recv"].items():
+            pieces.update(zip(keys, got[int(p)], strict=True))
+        return {path: finish_read(self.metadata.arrays[path], targets[path], sharding,
+                                  self._build(path, sharding, reads, by_array, pieces))
+                for path, (sharding, reads) in plans.items()}
+
+    def _agree(self, value, decide, kind: str, tag: str):
+        tier = self.tier
+        return run_ordered(lambda: agree(tier._comm, value, decide, kind=kind, tag=tag,
+                                         timeout_secs=tier._timeout))
+
+    def _load(self, served: set[tuple[str, str]]) -> tuple[dict, list]:
+        """Reads and checks the pieces this process serves: ({(key, kind): bytes}, bad)."""
+        if self._index is None:
+            self._index = {}
+            for kind in _KINDS:
+                path = os.path.join(self._where, f"{kind}.json")
+                if os.path.exists(path):
+                    for entry in _read_json(path)["pieces"]:
+                        self._index[(entry["key"], kind)] = entry
+
+        def load(what):
+            entry = self._index.get(what)
+            try:
+                if entry is None:
+                    raise FileNotFoundError(what)
+                buffer = tsio.aligned_empty((entry["nbytes"],), np.uint8)
+                with open(os.path.join(self._where, entry["file"]), "rb") as f:
+                    if f.readinto(memoryview(buffer)) != entry["nbytes"] or f.read(1):
+                        return what, None
+                ok = _verify(buffer, entry["checksum"], entry["value"])
+                return what, buffer if ok else None
+            except OSError:
+                return what, None
+
+        with cf.ThreadPoolExecutor(_IO_THREADS) as pool:
+            loaded = dict(pool.map(load, sorted(served)))
+        failed = sorted([list(w) for w, b in loaded.items() if b is None])
+        return {w: b for w, b in loaded.items() if b is not None}, failed
+
+    def _build(self, path, sharding, reads, by_array, pieces):
+        """The array of ``path`` on ``sharding`` (None: host numpy) from the pieces."""
+        meta = self.metadata.arrays[path]
+        if meta.nbytes == 0:
+            value = np.zeros(meta.shape, meta.dtype)
+            return value if sharding is None else jax.device_put(value, sharding)
+        buffers = []
+        for read in reads:
+            buffer = tsio.aligned_empty(tuple(s.stop - s.start for s in read.index), meta.dtype)
+            for key, bounds in _overlapping(by_array.get(path, ()), read.index):
+                piece = pieces[key].view(meta.dtype).reshape([b - a for a, b in bounds])
+                lo = [max(a, s.start) for (a, _), s in zip(bounds, read.index, strict=True)]
+                hi = [min(b, s.stop) for (_, b), s in zip(bounds, read.index, strict=True)]
+                src = tuple(slice(low - a, high - a)
+                            for low, high, (a, _) in zip(lo, hi, bounds, strict=True))
+                dst = tuple(slice(low - s.start, high - s.start)
+                            for low, high, s in zip(lo, hi, read.index, strict=True))
+                buffer[dst] = piece[src]
+            if sharding is None:
+                return buffer
+            kind = getattr(sharding, "memory_kind", None)
+            buffers += jax.device_put(
+                [buffer] * len(read.devices),
+                [jax.sharding.SingleDeviceSharding(d, memory_kind=kind) for d in read.devices],
+                may_alias=True)
+        return jax.make_array_from_single_device_arrays(meta.shape, sharding, buffers)
+
+
+def _overlapping(pieces, index) -> list:
+    """The (key, bounds) of ``pieces`` that overlap the global slice ``index``."""
+    return [(key, bounds) for key, bounds in pieces
+            if all(a < s.stop and s.start < b for (a, b), s in zip(bounds, index, strict=True))]
+
+
+def describe_local_directory(directory: str) -> list[dict]:
+    """What one process's local directory holds, step by step (for ``dcheckpoint ls``)."""
+    rows = []
+    for name in sorted(os.listdir(directory), key=lambda n: _step_of(n) or -1):
+        step = _step_of(name)
+        if step is None:
+            continue
+        where = os.path.join(directory, name)
+        row: dict[str, Any] = {"step": step, "path": where, "committed": False}
+        try:
+            marker = _read_json(os.path.join(where, COMMITTED))
+            row.update(committed=True, save=marker.get("save"), time=marker.get("time"))
+        except (OSError, ValueError):
+            pass
+        for kind in _KINDS:
+            try:
+                entries = _read_json(os.path.join(where, f"{kind}.json"))["pieces"]
+                row[kind] = {"pieces": len(entries),
+                             "bytes": sum(e["nbytes"] for e in entries)}
+            except (OSError, ValueError, KeyError):
+                row[kind] = None
+        rows.append(row)
+    return rows
+
