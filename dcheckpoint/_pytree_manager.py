@@ -217,7 +217,7 @@ class PytreeManager(CheckpointManager):
             except LocalStepUnusable as e:
                 logger.warning("%s; looking for another source", e)
                 continue
-            self.restored_from = opened.where
+            self.restored_from = f"local step {opened.step}"
             logger.info("restored step %d from the local tier in %.3f s (persistent "
                         "latest: %s)", opened.step, time.perf_counter() - started, latest)
             return restored

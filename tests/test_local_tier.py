@@ -1,0 +1,104 @@
+"""The local tier across 4 real processes: peer copies, renumbered ranks, a replaced
+host, a killed local save, a flipped byte, fewer processes, and the fallback to the
+persistent tier. One job's directories go through the phases in order."""
+
+import json
+import os
+import shutil
+
+from dcheckpoint._local_tier import _assign, _choose_step, piece_key
+from tests.mp_util import REPO_ROOT, results, run_launch
+
+WORKER = REPO_ROOT / "tests" / "workers" / "local_tier_worker.py"
+
+
+def _restore(persistent, hosts, order, mesh, processes=4):
+    completed = run_launch(WORKER, "restore", persistent, hosts, order, mesh,
+                           processes=processes, devices_per_process=8 // processes)
+    return results(completed), completed.stderr
+
+
+def test_local_tier_phases(tmp_path):
+    persistent, hosts = str(tmp_path / "persistent"), str(tmp_path / "hosts")
+    # Local every 2 steps, persistent every 4; every process is SIGKILLed inside the
+    # local save of step 8, after both copies are written and before the commit.
+    killed = run_launch(WORKER, "train", persistent, hosts, "0,1,2,3", 8, 8,
+                        processes=4, devices_per_process=2, check=False)
+    assert killed.returncode != 0
+    for host in range(4):
+        step_dirs = sorted(os.listdir(os.path.join(hosts, f"host{host}")))
+        assert step_dirs == ["step-4", "step-6", "step-8"]  # retention: 2 committed
+        assert not os.path.exists(os.path.join(hosts, f"host{host}", "step-8", "COMMITTED"))
+        assert os.path.exists(os.path.join(hosts, f"host{host}", "step-6", "COMMITTED"))
+    assert [n for n in os.listdir(persistent) if n.startswith("ckpt")] == ["ckpt-4"]
+
+    # A replaced host (its directory is empty) and renumbered ranks: step 6, newer than
+    # the persistent step 4, comes back from the peer copy, bit-identical; the killed
+    # step 8 is never chosen.
+    shutil.rmtree(os.path.join(hosts, "host1"))
+    out, _ = _restore(persistent, hosts, "2,0,3,1", "2x4")
+    assert [(r["step"], r["from"], r["identical"]) for r in out] == [
+        (6, "local step 6", True)] * 4
+
+    # Onto 2 processes (another process count and mesh), from two surviving hosts
+    # that together hold every piece.
+    out, _ = _restore(persistent, hosts, "0,2", "4x2", processes=2)
+    assert [(r["step"], r["from"], r["identical"], r["shards"]) for r in out] == [
+        (6, "local step 6", True, 4)] * 2
+
+    # A flipped byte in host 0's own copy of step 6, whose peer copy was on the wiped
+    # host 1: the checksum catches it and step 6 is skipped for step 4, never restored.
+    index = json.load(open(os.path.join(hosts, "host0", "step-6", "own.json")))
+    piece = os.path.join(hosts, "host0", "step-6", index["pieces"][0]["file"])
+    data = bytearray(open(piece, "rb").read())
+    data[0] ^= 0x01
+    open(piece, "wb").write(bytes(data))
+    out, stderr = _restore(persistent, hosts, "0,1,2,3", "2x4")
+    assert [(r["step"], r["from"], r["identical"]) for r in out] == [
+        (4, "local step 4", True)] * 4
+    assert "fails its checksum" in stderr and "local step 6 cannot be restored" in stderr
+
+    # Both copies of process 1's pieces gone (hosts 1 and 2): the persistent step 4,
+    # with a log line saying why.
+    shutil.rmtree(os.path.join(hosts, "host2"))
+    out, stderr = _restore(persistent, hosts, "0,1,2,3", "2x4")
+    assert [(r["step"], r["from"], r["identical"]) for r in out] == [
+        (4, os.path.join(persistent, "ckpt-4"), True)] * 4
+    assert "no live copy of parts of ['w']" in stderr
+    assert "using the persistent tier (latest step 4)" in stderr
+
+
+def _inventory(step, save, pieces, kind="own"):
+    return {"step": step, "save": save, "time": float(step),
+            "arrays": {"w": 8}, "pieces": {key: [kind, 16] for key in pieces}}
+
+
+W = [piece_key("w", (slice(0, 4),)), piece_key("w", (slice(4, 8),))]
+
+
+def test_choose_step_takes_the_newest_covered_step():
+    # Step 6 lost w[4:8] (both holders gone); step 4 is covered by process 1's copies.
+    chosen = _choose_step([[_inventory(6, "b", W[:1]), _inventory(4, "a", W[:1])],
+                           [_inventory(4, "a", W[1:], "peer")], []])
+    assert (chosen["step"], chosen["save"]) == (4, "a")
+    assert chosen["lacking"] == [2] and chosen["metadata_from"] == 0
+    none = _choose_step([[_inventory(6, "b", W[:1])], []])
+    assert none["step"] is None and "step 6 has no live copy of parts of ['w']" in none["why"]
+
+
+def test_assign_prefers_local_copies_then_skips_bad_ones():
+    holders = {W[0]: [[0, "own", 16], [1, "peer", 16]], W[1]: [[1, "own", 16]]}
+    plans = _assign([{"needs": W, "bad": []}, {"needs": W, "bad": []}], holders)["plans"]
+    assert plans[0] == {"local": [[W[0], "own"]], "send": {}, "recv": {"1": [W[1]]}}
+    assert plans[1]["local"] == [[W[0], "peer"], [W[1], "own"]]
+    # Process 0's copy of w[0:4] is bad: process 1's peer copy serves it.
+    plans = _assign([{"needs": W, "bad": [[W[0], "own"]]}, {"needs": [], "bad": []}],
+                    holders)["plans"]
+    assert plans[0]["recv"] == {"1": [W[0], W[1]]}
+    unusable = _assign([{"needs": W, "bad": []}, {"needs": [], "bad": [[W[1], "own"]]}],
+                       holders)
+    assert "no copy with a good checksum left" in unusable["unusable"]
+
+
+def test_piece_keys_name_global_bounds():
+    assert piece_key("a/b", (slice(0, 2), slice(4, 8))) == '["a/b", [[0, 2], [4, 8]]]'
