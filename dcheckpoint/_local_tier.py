@@ -40,6 +40,7 @@ import concurrent.futures as cf
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import socket
@@ -75,6 +76,22 @@ COMMITTED = "COMMITTED"
 METADATA = "metadata.json"
 _KINDS = ("own", "peer")
 _IO_THREADS = 4
+
+
+class _Phases:
+    """Seconds per phase of one save or restore, for its log line."""
+
+    def __init__(self):
+        self._last = self.started = time.perf_counter()
+        self.spent: list[str] = []
+
+    def mark(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.spent.append(f"{phase} {now - self._last:.3f}")
+        self._last = now
+
+    def __str__(self) -> str:
+        return f"{time.perf_counter() - self.started:.3f} s ({', '.join(self.spent)})"
 
 
 class LocalStepUnusable(CheckpointError):
@@ -147,6 +164,8 @@ class LocalTier:
         self._timeout = timeout_secs or CheckpointOptions().timeout_secs
         self._pending: Future | None = None
         self._bad: set[tuple[str, str, str]] = set()  # (save id, piece key, kind) failed
+        # The peer's pieces land here, save after save: warm pages, no allocation.
+        self._peer_buffers: list[np.ndarray] = []
         os.makedirs(self.directory, exist_ok=True)
 
     # -- saving ---------------------------------------------------------------------
@@ -182,7 +201,7 @@ class LocalTier:
 
     def _save_step(self, step: int, plan: SavePlan, meta: bytes) -> None:
         """Steps 2-5 of the save protocol (all processes, on the collectives thread)."""
-        started = time.perf_counter()
+        phases = _Phases()
         comm, n, me = self._comm, self._comm.process_count, self._comm.process_index
         where = os.path.join(self.directory, f"{STEP_PREFIX}{step}")
         pieces = [(piece_key(w.path, w.index), np.ascontiguousarray(w.data))
@@ -194,21 +213,29 @@ class LocalTier:
             with open(os.path.join(where, METADATA), "wb") as f:
                 f.write(meta)
             _write_pieces(where, "own", pieces)
+            phases.mark("own")
         except Exception as e:  # the others still need our copy; reported in step 4
             error = f"process {me}: writing own pieces in {where}: {type(e).__name__}: {e}"
         if n > 1:
             after, before = (me + 1) % n, (me - 1) % n
-            header = json.dumps([key for key, _ in pieces]).encode()
+            header = json.dumps([[key, data.nbytes] for key, data in pieces]).encode()
             tag = f"local save of step {step}"
             got = comm.exchange({after: [header]}, {before: 1}, tag=tag + " (piece list)",
                                 timeout_secs=self._timeout)
-            keys = json.loads(got[before][0].tobytes())
-            got = comm.exchange({after: [data for _, data in pieces]}, {before: len(keys)},
+            listed = json.loads(got[before][0].tobytes())
+            keys = [key for key, _ in listed]
+            sizes = [int(size) for _, size in listed]
+            if [b.nbytes for b in self._peer_buffers] != sizes:
+                self._peer_buffers = [np.empty(size, np.uint8) for size in sizes]
+            got = comm.exchange({after: [data for _, data in pieces]},
+                                {before: self._peer_buffers},
                                 tag=tag + " (pieces)", timeout_secs=self._timeout)
+            phases.mark("exchange")
             if error is None:
                 try:
                     _write_pieces(where, "peer", list(zip(keys, got[before], strict=True)),
                                   source=before)
+                    phases.mark("peer")
                 except Exception as e:
                     error = (f"process {me}: writing the peer copy in {where}: "
                              f"{type(e).__name__}: {e}")
@@ -226,8 +253,9 @@ class LocalTier:
             {"step": step, "process_count": n, **decided}).encode())
         self._apply_retention()
         nbytes = sum(data.nbytes for _, data in pieces)
-        logger.info("local save of step %d: %d own bytes (+ a peer copy) in %.3f s at %s",
-                    step, nbytes, time.perf_counter() - started, where)
+        phases.mark("commit")
+        logger.info("local save of step %d: %d own bytes (+ a peer copy) in %s at %s",
+                    step, nbytes, phases, where)
 
     def _committed(self) -> list[tuple[int, dict]]:
         found = []
@@ -428,6 +456,7 @@ class LocalRestore:
           LocalStepUnusable: a needed piece has no good copy left (every process).
         """
         comm, timeout = self.tier._comm, self.tier._timeout
+        phases = _Phases()
         plans = {path: plan_read(path, self.metadata.arrays[path], target)
                  for path, target in targets.items()}
         by_array: dict[str, list] = {}
@@ -447,7 +476,9 @@ class LocalRestore:
             plan = decided["plans"][comm.process_index]
             served = {tuple(x) for x in plan["local"]} | {
                 tuple(x) for xs in plan["send"].values() for x in xs}
+            phases.mark("plan")
             data, failed = self._load(served)
+            phases.mark("read+verify")
             any_bad = self._agree(failed, any, "local read check",
                                   "local tier restore: checksums")
             if not any_bad:
@@ -458,15 +489,22 @@ class LocalRestore:
                 self.tier._bad.add((self.save, key, kind))
             bad += failed
         sends = {int(p): [data[tuple(x)] for x in xs] for p, xs in plan["send"].items()}
-        receives = {int(p): len(keys) for p, keys in plan["recv"].items()}
+        size = {key: holders[0][2] for key, holders in self._holders.items()}
+        receives = {int(p): [size[key] for key in keys] for p, keys in plan["recv"].items()}
         got = run_ordered(lambda: comm.exchange(sends, receives, tag="local tier restore: pieces",
                                              timeout_secs=timeout))
+        phases.mark("exchange")
         pieces = {key: data[(key, kind)] for key, kind in plan["local"]}
         for p, keys in plan["recv"].items():
             pieces.update(zip(keys, got[int(p)], strict=True))
-        return {path: finish_read(self.metadata.arrays[path], targets[path], sharding,
-                                  self._build(path, sharding, reads, by_array, pieces))
-                for path, (sharding, reads) in plans.items()}
+        built = {path: finish_read(self.metadata.arrays[path], targets[path], sharding,
+                                   self._build(path, sharding, reads, by_array, pieces))
+                 for path, (sharding, reads) in plans.items()}
+        phases.mark("build")
+        logger.info("read local step %d: %d pieces here, %d sent, %d received in %s",
+                    self.step, len(plan["local"]), sum(map(len, sends.values())),
+                    sum(map(len, receives.values())), phases)
+        return built
 
     def _agree(self, value, decide, kind: str, tag: str):
         tier = self.tier
@@ -488,10 +526,9 @@ class LocalRestore:
             try:
                 if entry is None:
                     raise FileNotFoundError(what)
-                buffer = tsio.aligned_empty((entry["nbytes"],), np.uint8)
-                with open(os.path.join(self._where, entry["file"]), "rb") as f:
-                    if f.readinto(memoryview(buffer)) != entry["nbytes"] or f.read(1):
-                        return what, None
+                buffer = _map(os.path.join(self._where, entry["file"]), entry["nbytes"])
+                if buffer is None:
+                    return what, None
                 ok = _verify(buffer, entry["checksum"], entry["value"])
                 return what, buffer if ok else None
             except OSError:
@@ -510,8 +547,16 @@ class LocalRestore:
             return value if sharding is None else jax.device_put(value, sharding)
         buffers = []
         for read in reads:
-            buffer = tsio.aligned_empty(tuple(s.stop - s.start for s in read.index), meta.dtype)
-            for key, bounds in _overlapping(by_array.get(path, ()), read.index):
+            shape = tuple(s.stop - s.start for s in read.index)
+            overlapping = _overlapping(by_array.get(path, ()), read.index)
+            whole = [key for key, bounds in overlapping
+                     if bounds == tuple((s.start, s.stop) for s in read.index)]
+            if whole:  # the saved shard is the target slice: its bytes, not a copy
+                buffer = pieces[whole[0]].view(meta.dtype).reshape(shape)
+                overlapping = []
+            else:
+                buffer = tsio.aligned_empty(shape, meta.dtype)
+            for key, bounds in overlapping:
                 piece = pieces[key].view(meta.dtype).reshape([b - a for a, b in bounds])
                 lo = [max(a, s.start) for (a, _), s in zip(bounds, read.index, strict=True)]
                 hi = [min(b, s.stop) for (_, b), s in zip(bounds, read.index, strict=True)]
@@ -528,6 +573,25 @@ class LocalRestore:
                 [jax.sharding.SingleDeviceSharding(d, memory_kind=kind) for d in read.devices],
                 may_alias=True)
         return jax.make_array_from_single_device_arrays(meta.shape, sharding, buffers)
+
+
+def _map(path: str, nbytes: int) -> np.ndarray | None:
+    """The bytes of a piece file, mapped copy-on-write (None: not ``nbytes`` long).
+
+    On tmpfs the mapping is the page cache itself, so a piece is read without a copy,
+    and a CPU device adopts it as its buffer; private pages keep the file unchanged
+    if a jitted step later donates and overwrites that buffer. Elsewhere (an
+    accelerator) the host-to-device copy reads the mapping directly.
+    """
+    if nbytes == 0:
+        return np.empty(0, np.uint8)
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size != nbytes:
+            return None
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
+        mapped = mmap.mmap(f.fileno(), nbytes, flags=flags,
+                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    return np.frombuffer(mapped, np.uint8)
 
 
 def _overlapping(pieces, index) -> list:
