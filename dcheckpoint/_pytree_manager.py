@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import logging
 import numbers
-import time
 from typing import Any
 
 from ._async import Saver
 from ._engine import read_metadata, save_failed_here
-from ._local_tier import LocalStepUnusable, LocalTier
 from ._manager import CheckpointManager
 from ._options import CheckpointOptions
 from ._pytree import pytree_arrays, restore_pytree
@@ -63,6 +61,10 @@ class _TreeWriter:
     def restore(self, save_path: str, options=None):
         del options
         return restore_pytree(save_path)
+
+    def _dc_flatten(self) -> tuple[dict, dict]:
+        """What a save of the current tree writes: ({array path: value}, graph)."""
+        return pytree_arrays(self.tree)
 
     def sync(self) -> None:
         self._saver.sync()
@@ -114,27 +116,12 @@ class PytreeManager(CheckpointManager):
                 f"save_interval_steps must be a positive int or None, got {save_interval_steps!r}"
             )
         self._save_interval_steps = save_interval_steps
-        if local_every is not None and (isinstance(local_every, bool) or not isinstance(
-                local_every, numbers.Integral) or local_every < 1):
-            raise ValueError(f"local_every must be a positive int or None, got {local_every!r}")
-        if local_every is not None and local_directory is None:
-            raise ValueError("local_every needs a local_directory")
-        self._local_every = int(local_every or 1)
-        self._local: LocalTier | None = None
-        self.restored_from: str | None = None  # where the last restore() read from
         self._options = options
         super().__init__(_TreeWriter(), directory, max_to_keep, keep_checkpoint_every_n_hours,
                          checkpoint_name, best_fn=best_fn, best_mode=best_mode,
-                         save_on_preemption=save_on_preemption)
-        if local_directory is not None:
-            self._local = LocalTier(local_directory, max_to_keep=local_max_to_keep,
-                                    comm=self._comm)
-
-    @property
-    def local_steps(self) -> list[int]:
-        """The committed local-tier steps in this process's local directory (its own
-        view; `restore` agrees with the other processes on what is complete)."""
-        return [] if self._local is None else self._local.steps
+                         save_on_preemption=save_on_preemption,
+                         local_directory=local_directory, local_every=local_every,
+                         local_max_to_keep=local_max_to_keep)
 
     def save(self, step, tree, *, metadata=None, options=None, force=False) -> str | None:
         """Saves ``tree`` as the checkpoint of ``step``, then applies retention.
@@ -151,8 +138,6 @@ class PytreeManager(CheckpointManager):
           The checkpoint's path, or None when ``save_interval_steps`` skipped it.
         """
         step = _step(step)
-        if self._local is not None and (force or step % self._local_every == 0):
-            self._save_local(step, tree, metadata)
         self._checkpoint.tree = tree
         try:
             return super().save(checkpoint_number=step, check_interval=not force,
@@ -166,10 +151,7 @@ class PytreeManager(CheckpointManager):
             return None
         return super()._next_number(checkpoint_number, check_interval)
 
-    def _save_local(self, step: int, tree, metadata) -> None:
-        arrays, graph = pytree_arrays(tree)
-        user_metadata = check_user_metadata({"step": step, **(metadata or {})})
-        self._local.save(step, arrays, object_graph=graph, user_metadata=user_metadata)
+    _names_steps = True
 
     def restore(self, step=None, target=None) -> Any:
         """Restores checkpoint ``step`` (default: the latest) into ``target``.
@@ -191,36 +173,15 @@ class PytreeManager(CheckpointManager):
             lists the steps there are).
         """
         if self._local is not None:
-            restored = self._restore_local(step, target)
-            if restored is not _NOTHING:
-                return restored
+            restored = []
+            opened = self._restore_local(None if step is None else _step(step), lambda o: (
+                restored.append(restore_pytree(o.where, target, source=o))))
+            if opened is not None:
+                return restored[-1]
         path = self._committed_path(self._step_or_latest(step))
         restored = restore_pytree(path, target)
         self.restored_from = path
         return restored
-
-    def _restore_local(self, step, target) -> Any:
-        """The tree from the local tier, or _NOTHING (all processes alike)."""
-        self.sync()
-        latest = self.latest_step()
-        while True:
-            started = time.perf_counter()
-            opened = self._local.open(latest if step is None else None,
-                                      step=None if step is None else _step(step))
-            if isinstance(opened, str):
-                logger.warning("local tier of %s: nothing to restore (%s); using the "
-                               "persistent tier (latest step %s)", self._local.directory,
-                               opened, latest)
-                return _NOTHING
-            try:
-                restored = restore_pytree(opened.where, target, source=opened)
-            except LocalStepUnusable as e:
-                logger.warning("%s; looking for another source", e)
-                continue
-            self.restored_from = f"local step {opened.step}"
-            logger.info("restored step %d from the local tier in %.3f s (persistent "
-                        "latest: %s)", opened.step, time.perf_counter() - started, latest)
-            return restored
 
     def metadata(self, step=None) -> dict:
         """The metadata dict saved with ``step`` (default: the latest), ``"step"`` in it.
@@ -246,14 +207,6 @@ class PytreeManager(CheckpointManager):
             "`manager.restore(target=abstract) if manager.latest_step() is not None else init()`"
         )
 
-    def sync(self) -> None:
-        """Waits for the saves in flight (both tiers), raising the first error."""
-        try:
-            super().sync()
-        finally:
-            if self._local is not None:
-                self._local.sync()
-
     def close(self) -> None:
         """Waits for a save in flight (raising its error), then gives the directory's
         writer lock and the preemption handler back."""
@@ -269,9 +222,6 @@ class PytreeManager(CheckpointManager):
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-_NOTHING = object()
 
 
 def _step(step) -> int:
