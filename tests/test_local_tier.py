@@ -20,7 +20,7 @@ def _restore(persistent, hosts, order, mesh, processes=4):
 
 def test_local_tier_phases(tmp_path):
     persistent, hosts = str(tmp_path / "persistent"), str(tmp_path / "hosts")
-    # Local every 2 steps, persistent every 4; every process is SIGKILLed inside the
+    # Local every 2 steps, persistent every 5; every process is SIGKILLed inside the
     # local save of step 8, after both copies are written and before the commit.
     killed = run_launch(WORKER, "train", persistent, hosts, "0,1,2,3", 8, 8,
                         processes=4, devices_per_process=2, check=False)
@@ -30,10 +30,10 @@ def test_local_tier_phases(tmp_path):
         assert step_dirs == ["step-4", "step-6", "step-8"]  # retention: 2 committed
         assert not os.path.exists(os.path.join(hosts, f"host{host}", "step-8", "COMMITTED"))
         assert os.path.exists(os.path.join(hosts, f"host{host}", "step-6", "COMMITTED"))
-    assert [n for n in os.listdir(persistent) if n.startswith("ckpt")] == ["ckpt-4"]
+    assert [n for n in os.listdir(persistent) if n.startswith("ckpt")] == ["ckpt-5"]
 
     # A replaced host (its directory is empty) and renumbered ranks: step 6, newer than
-    # the persistent step 4, comes back from the peer copy, bit-identical; the killed
+    # the persistent step 5, comes back from the peer copy, bit-identical; the killed
     # step 8 is never chosen.
     shutil.rmtree(os.path.join(hosts, "host1"))
     out, _ = _restore(persistent, hosts, "2,0,3,1", "2x4")
@@ -47,7 +47,8 @@ def test_local_tier_phases(tmp_path):
         (6, "local step 6", True, 4)] * 2
 
     # A flipped byte in host 0's own copy of step 6, whose peer copy was on the wiped
-    # host 1: the checksum catches it and step 6 is skipped for step 4, never restored.
+    # host 1: the checksum catches it and step 6 is skipped, never restored; local step
+    # 4 is older than the persistent step 5, which is restored.
     index = json.load(open(os.path.join(hosts, "host0", "step-6", "own.json")))
     piece = os.path.join(hosts, "host0", "step-6", index["pieces"][0]["file"])
     data = bytearray(open(piece, "rb").read())
@@ -55,17 +56,17 @@ def test_local_tier_phases(tmp_path):
     open(piece, "wb").write(bytes(data))
     out, stderr = _restore(persistent, hosts, "0,1,2,3", "2x4")
     assert [(r["step"], r["from"], r["identical"]) for r in out] == [
-        (4, "local step 4", True)] * 4
+        (5, os.path.join(persistent, "ckpt-5"), True)] * 4
     assert "fails its checksum" in stderr and "local step 6 cannot be restored" in stderr
 
-    # Both copies of process 1's pieces gone (hosts 1 and 2): the persistent step 4,
+    # Both copies of process 1's pieces gone (hosts 1 and 2): the persistent step 5,
     # with a log line saying why.
     shutil.rmtree(os.path.join(hosts, "host2"))
     out, stderr = _restore(persistent, hosts, "0,1,2,3", "2x4")
     assert [(r["step"], r["from"], r["identical"]) for r in out] == [
-        (4, os.path.join(persistent, "ckpt-4"), True)] * 4
+        (5, os.path.join(persistent, "ckpt-5"), True)] * 4
     assert "no live copy of parts of ['w']" in stderr
-    assert "using the persistent tier (latest step 4)" in stderr
+    assert "using the persistent tier (latest step 5)" in stderr
 
 
 def _inventory(step, save, pieces, kind="own"):

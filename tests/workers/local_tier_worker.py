@@ -50,7 +50,7 @@ def state_on(mesh, step):
 
 
 def manager():
-    return dcheckpoint.PytreeManager(persistent, max_to_keep=2, save_interval_steps=4,
+    return dcheckpoint.PytreeManager(persistent, max_to_keep=2, save_interval_steps=5,
                                      local_directory=local, local_every=2,
                                      local_max_to_keep=2,
                                      options=dcheckpoint.CheckpointOptions(enable_async=True))
