@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 
+import pytest
+
 from dcheckpoint._local_tier import _assign, _choose_step, piece_key
 from tests.mp_util import REPO_ROOT, results, run_launch
 
@@ -103,3 +105,49 @@ def test_assign_prefers_local_copies_then_skips_bad_ones():
 
 def test_piece_keys_name_global_bounds():
     assert piece_key("a/b", (slice(0, 2), slice(4, 8))) == '["a/b", [[0, 2], [4, 8]]]'
+
+
+def test_one_process_object_api_resumes_from_the_local_tier_and_ls_shows_it(
+        tmp_path, capsys):
+    import jax.numpy as jnp
+    import numpy as np
+
+    import dcheckpoint
+    from dcheckpoint._cli import main
+
+    def job():
+        step = dcheckpoint.Variable(jnp.int32(0))
+        w = dcheckpoint.Variable(jnp.zeros((8, 4)))
+        manager = dcheckpoint.CheckpointManager(
+            dcheckpoint.Checkpoint(step=step, w=w), tmp_path / "persistent", max_to_keep=2,
+            step_counter=step, checkpoint_interval=4, local_directory=tmp_path / "local",
+            local_every=2)
+        return manager, step, w
+
+    manager, step, w = job()
+    for s in range(1, 8):  # persistent at steps 1 and 5, local at 2, 4, 6 (keeps 4, 6)
+        step.assign(jnp.int32(s))
+        w.assign(jnp.full((8, 4), float(s)))
+        manager.save()
+    manager.sync()
+    assert manager.local_steps == [4, 6]
+    manager, step, w = job()
+    assert manager.restore_or_initialize() == str(tmp_path / "local" / "step-6")
+    assert manager.restored_from == "local step 6" and int(step.value) == 6
+    np.testing.assert_array_equal(np.asarray(w.value), np.full((8, 4), 6.0))
+    assert int(manager.checkpoint.save_counter.value) == 2  # as after the call at step 6
+
+    assert main(["ls", "--local", str(tmp_path / "local"), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["local"][0]["steps"]
+    assert [(r["step"], r["committed"], r["own"]["pieces"]) for r in listed] == [
+        (4, True, 3), (6, True, 3)]
+
+
+def test_local_every_needs_a_local_directory_and_a_step_counter(tmp_path):
+    import dcheckpoint
+
+    with pytest.raises(ValueError, match="local_every needs a local_directory"):
+        dcheckpoint.PytreeManager(tmp_path / "a", local_every=2)
+    with pytest.raises(ValueError, match="needs a step_counter"):
+        dcheckpoint.CheckpointManager(dcheckpoint.Checkpoint(), tmp_path / "b", 1,
+                                      local_directory=tmp_path / "local")
