@@ -12,7 +12,9 @@ restarted job is, restores the newest step from the local tier (step 10) and the
 persistent step (9), twice each, alternating; before each persistent restore every
 file of it is evicted from the page cache (``posix_fadvise(DONTNEED)`` after the
 save's fsync: ``/proc/sys/vm/drop_caches`` is not writable in this VM's container, so
-this is how the reads are made cold without it). Before the jobs, the raw limits:
+this is how the reads are made cold without it). A third job restores after host 1's
+local directory is wiped (a replaced host): its rank reads nothing locally and fetches
+every piece from the peer copy on host 2. Before the jobs, the raw limits:
 1 GiB written to and read back from tmpfs and the disk (cold) with plain file calls.
 """
 
@@ -161,8 +163,11 @@ def worker(args) -> None:
     target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=NamedSharding(mesh, P("x")))
               for k, v in target.items()}
     restores = []
+    rounds = (("local", None), ("persistent", 9))
+    if args.worker == "restore-replaced":
+        rounds = (("local (host 1 replaced)", None),)
     for _ in range(2):
-        for tier, step in (("local", None), ("persistent", 9)):
+        for tier, step in rounds:
             if tier == "persistent":
                 evict(os.path.join(args.dir, "persistent", "ckpt-9"))
             multihost_utils.sync_global_devices(f"restore {tier}")
@@ -187,7 +192,7 @@ def main(argv=None) -> None:
     parser.add_argument("--json")
     parser.add_argument("--log", action="store_true", help="the jobs log each phase")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
-    parser.add_argument("--worker", choices=["save", "restore"])
+    parser.add_argument("--worker", choices=["save", "restore", "restore-replaced"])
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
@@ -197,8 +202,10 @@ def main(argv=None) -> None:
     limits = raw_limits(os.path.join(args.dir, "raw"), os.path.join(args.shm, "raw"))
     saved = _launch("save", args)
     restored = _launch("restore", args)
+    shutil.rmtree(os.path.join(args.shm, "host1"))
+    replaced = _launch("restore-replaced", args)
     report = {"gib": args.gib, "processes": PROCESSES, "raw_limits_GBps": limits,
-              "save": saved, "restore": restored}
+              "save": saved, "restore": restored, "restore_replaced": replaced}
     nbytes = saved[0]["bytes"]
     print(f"state: {nbytes / 2**30:.2f} GiB in {ARRAYS} arrays over {PROCESSES} processes")
     print(f"raw limits (1 GiB, one file): tmpfs write {limits['tmpfs']['write']:.2f} / read "
@@ -220,6 +227,10 @@ def main(argv=None) -> None:
     for j, row in enumerate(restored[0]["restores"]):
         seconds = max(r["restores"][j]["seconds"] for r in restored)
         print(f"restore {row['tier']:<10} ({row['from']}): {seconds:.3f} s "
+              f"({nbytes / seconds / 1e9:.2f} GB/s)")
+    for j, row in enumerate(replaced[0]["restores"]):
+        seconds = max(r["restores"][j]["seconds"] for r in replaced)
+        print(f"restore {row['tier']} ({row['from']}): {seconds:.3f} s "
               f"({nbytes / seconds / 1e9:.2f} GB/s)")
     best = {tier: min(max(r["restores"][j]["seconds"] for r in restored)
                       for j, row in enumerate(restored[0]["restores"]) if row["tier"] == tier)
