@@ -216,6 +216,10 @@ class Communicator(abc.ABC):
         self.gather(b"", tag=tag, timeout_secs=timeout_secs)
         self.broadcast(b"" if self.is_coordinator else None, tag=tag, timeout_secs=timeout_secs)
 
+    #: Whether :meth:`exchange` can move data between processes (a one-process job
+    #: has no one to exchange with, so it can, trivially).
+    supports_exchange = False
+
     def exchange(self, sends: dict[int, list], receives: dict[int, Any], *, tag: str,
                  timeout_secs: float) -> dict[int, list]:
         """Point-to-point transfers of byte buffers (all processes, even with nothing).
@@ -323,6 +327,8 @@ class Communicator(abc.ABC):
 class LocalCommunicator(Communicator):
     """The single-process job: every collective returns at once."""
 
+    supports_exchange = True
+
     def __init__(self):
         super().__init__(process_index=0, process_count=1)
 
@@ -381,6 +387,7 @@ class MPICommunicator(Communicator):
     """
 
     _ABORT_TAG = 0
+    supports_exchange = True
 
     def __init__(self, comm=None, *, duplicate: bool = True):
         from mpi4py import MPI

@@ -161,6 +161,11 @@ class LocalTier:
         self.directory = os.fspath(directory)
         self.max_to_keep = max_to_keep
         self._comm = comm or default_communicator()
+        if not self._comm.supports_exchange:
+            raise ValueError(
+                f"the local tier sends peer copies point to point, which "
+                f"{type(self._comm).__name__} cannot: start the job under mpiexec and "
+                "call launch.initialize() (the MPI communicator)")
         self._timeout = timeout_secs or CheckpointOptions().timeout_secs
         self._pending: Future | None = None
         self._bad: set[tuple[str, str, str]] = set()  # (save id, piece key, kind) failed
