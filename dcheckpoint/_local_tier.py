@@ -59,7 +59,7 @@ from ._comm import Communicator, agree, default_communicator, run_ordered, submi
 from ._engine import snapshot
 from ._metadata import CheckpointMetadata, decode_metadata, encode_metadata
 from ._options import CheckpointOptions
-from ._plan import SavePlan, finish_read, plan_read, plan_save
+from ._plan import SavePlan, finish_read, plan_read, plan_save, record_process_values
 from .errors import CheckpointError
 
 try:  # 3-4x faster than zlib's crc32 where installed (zarr brings it)
@@ -190,13 +190,8 @@ class LocalTier:
         """
         self.sync()
         plan = snapshot(plan_save(arrays, is_coordinator=self._comm.is_coordinator))
-        meta = encode_metadata(CheckpointMetadata(
-            arrays=plan.arrays, object_graph=object_graph, save_time=time.time(),
-            writer={"process_count": self._comm.process_count,
-                    "hostname": socket.gethostname(), "jax_version": jax.__version__,
-                    "tier": "local"},
-            user_metadata=user_metadata))
-        self._pending = submit(lambda: self._save_step(int(step), plan, meta))
+        self._pending = submit(
+            lambda: self._save_step(int(step), plan, object_graph, user_metadata))
 
     def sync(self) -> None:
         """Waits for the local save in flight; raises its error if it failed."""
@@ -204,7 +199,18 @@ class LocalTier:
         if future is not None:
             future.result()
 
-    def _save_step(self, step: int, plan: SavePlan, meta: bytes) -> None:
+    def _metadata(self, plan: SavePlan, object_graph, user_metadata, values) -> bytes:
+        """The step's metadata file, per-process values (``ProcessValue``) recorded."""
+        graph = record_process_values(
+            object_graph, [{"process": i, "values": v} for i, v in enumerate(values)])
+        return encode_metadata(CheckpointMetadata(
+            arrays=plan.arrays, object_graph=graph, save_time=time.time(),
+            writer={"process_count": self._comm.process_count,
+                    "hostname": socket.gethostname(), "jax_version": jax.__version__,
+                    "tier": "local"},
+            user_metadata=user_metadata))
+
+    def _save_step(self, step: int, plan: SavePlan, object_graph, user_metadata) -> None:
         """Steps 2-5 of the save protocol (all processes, on the collectives thread)."""
         phases = _Phases()
         comm, n, me = self._comm, self._comm.process_count, self._comm.process_index
@@ -232,8 +238,6 @@ class LocalTier:
         try:
             shutil.rmtree(where, ignore_errors=True)  # an older save of this step
             os.makedirs(where)
-            with open(os.path.join(where, METADATA), "wb") as f:
-                f.write(meta)
             _write_copies(where, copies)
             phases.mark("write")
         except Exception as e:  # reported to every process in step 4
@@ -244,12 +248,19 @@ class LocalTier:
             if failures:
                 raise CheckpointError(f"Local save of step {step} failed: "
                                       + "; ".join(failures))
-            return {"save": uuid.uuid4().hex[:12], "time": time.time()}
+            values = [r["values"] for r in reports]
+            self._metadata(plan, object_graph, user_metadata, values)  # refuses a mismatch
+            return {"save": uuid.uuid4().hex[:12], "time": time.time(), "values": values}
 
-        decided = agree(comm, {"step": step, "error": error}, commit, kind="local save",
-                        tag=f"local save outcome of step {step}", timeout_secs=self._timeout)
+        decided = agree(comm, {"step": step, "error": error, "values": plan.process_values},
+                        commit, kind="local save", tag=f"local save outcome of step {step}",
+                        timeout_secs=self._timeout)
+        # Written once committed: it records every process's per-process values.
+        _write_atomic(os.path.join(where, METADATA), self._metadata(
+            plan, object_graph, user_metadata, decided["values"]))
         _write_atomic(os.path.join(where, COMMITTED), json.dumps(
-            {"step": step, "process_count": n, **decided}).encode())
+            {"step": step, "process_count": n, "save": decided["save"],
+             "time": decided["time"]}).encode())
         self._apply_retention()
         nbytes = sum(data.nbytes for _, data in pieces)
         phases.mark("commit")
