@@ -109,6 +109,7 @@ def test_piece_keys_name_global_bounds():
 
 def test_one_process_object_api_resumes_from_the_local_tier_and_ls_shows_it(
         tmp_path, capsys):
+    grain = pytest.importorskip("grain")
     import jax.numpy as jnp
     import numpy as np
 
@@ -118,8 +119,11 @@ def test_one_process_object_api_resumes_from_the_local_tier_and_ls_shows_it(
     def job():
         step = dcheckpoint.Variable(jnp.int32(0))
         w = dcheckpoint.Variable(jnp.zeros((8, 4)))
+        # A data iterator: per-process state, recorded in the local step's metadata.
+        job.data = iter(grain.MapDataset.range(64).batch(2).to_iter_dataset())
         manager = dcheckpoint.CheckpointManager(
-            dcheckpoint.Checkpoint(step=step, w=w), tmp_path / "persistent", max_to_keep=2,
+            dcheckpoint.Checkpoint(step=step, w=w, data=job.data), tmp_path / "persistent",
+            max_to_keep=2,
             step_counter=step, checkpoint_interval=4, local_directory=tmp_path / "local",
             local_every=2)
         return manager, step, w
@@ -128,6 +132,8 @@ def test_one_process_object_api_resumes_from_the_local_tier_and_ls_shows_it(
     for s in range(1, 8):  # persistent at steps 1 and 5, local at 2, 4, 6 (keeps 4, 6)
         step.assign(jnp.int32(s))
         w.assign(jnp.full((8, 4), float(s)))
+        if s <= 6:
+            next(job.data)
         manager.save()
     manager.sync()
     assert manager.local_steps == [4, 6]
@@ -136,6 +142,7 @@ def test_one_process_object_api_resumes_from_the_local_tier_and_ls_shows_it(
     assert manager.restored_from == "local step 6" and int(step.value) == 6
     np.testing.assert_array_equal(np.asarray(w.value), np.full((8, 4), 6.0))
     assert int(manager.checkpoint.save_counter.value) == 2  # as after the call at step 6
+    assert next(job.data).tolist() == [12, 13]  # six batches were read by step 6
 
     assert main(["ls", "--local", str(tmp_path / "local"), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["local"][0]["steps"]
