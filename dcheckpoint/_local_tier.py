@@ -9,7 +9,9 @@ host's directory loses no piece. Protocol of one save, with roles:
   1. (all, caller's thread) plan and snapshot this process's shards to host memory;
      the rest runs on the collectives thread, in the job's one order of collectives.
   2. (all) write own pieces (raw bytes, a checksum each) and ``metadata.json``.
-  3. (all) send own pieces to ``(p + 1) % n``; receive and write ``(p - 1) % n``'s.
+  3. (all) send own pieces to the peer (``(p + 1) % n`` in a job on one failure
+     domain; in another domain where there are several: `peer_map`); receive the
+     pieces of whoever sends here; write both copies.
   4. (all) report success to the coordinator; (coordinator) if every process wrote
      both copies, commit: choose the save's id and time.
   5. (all) write ``COMMITTED`` (the id) atomically; then apply retention locally.
@@ -149,13 +151,16 @@ class LocalTier:
     Args:
       directory: this process's node-local directory (tmpfs or local disk). It belongs
         to the host, not to a rank: a restarted job may give it to another rank.
+      failure_domain: what this process fails with (default: its host name; a rack
+        name where whole racks fail): the peer copy goes to another domain whenever
+        there is one (see `peer_map`).
       max_to_keep: committed local steps kept in each directory.
       comm: the job's communicator (default: `default_communicator`).
       timeout_secs: bound on every wait of the protocol.
     """
 
     def __init__(self, directory, *, max_to_keep: int = 2, comm: Communicator | None = None,
-                 timeout_secs: float | None = None):
+                 timeout_secs: float | None = None, failure_domain: str | None = None):
         if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise ValueError(f"local_max_to_keep must be a positive int, got {max_to_keep!r}")
         self.directory = os.fspath(directory)
@@ -167,6 +172,13 @@ class LocalTier:
                 f"{type(self._comm).__name__} cannot: start the job under mpiexec and "
                 "call launch.initialize() (the MPI communicator)")
         self._timeout = timeout_secs or CheckpointOptions().timeout_secs
+        # Collective (all processes construct it at the same point): every process
+        # learns every failure domain, so each knows whom it sends to and hears from.
+        domain = str(socket.gethostname() if failure_domain is None else failure_domain)
+        domains = run_ordered(lambda: agree(
+            self._comm, domain, lambda ds: ds, kind="local tier start",
+            tag="local tier start (failure domains)", timeout_secs=self._timeout))
+        self.peer_of = peer_map(domains)
         self._pending: Future | None = None
         self._bad: set[tuple[str, str, str]] = set()  # (save id, piece key, kind) failed
         # The peer's pieces land here, save after save: warm pages, no allocation.
@@ -219,20 +231,26 @@ class LocalTier:
                   for w in plan.writes]
         copies = [("own", pieces, None)]
         if n > 1:  # memory to memory first: the copy is then written with our own
-            after, before = (me + 1) % n, (me - 1) % n
+            after = self.peer_of[me]
+            sources = [p for p, peer in enumerate(self.peer_of) if peer == me]
             header = json.dumps([[key, data.nbytes] for key, data in pieces]).encode()
             tag = f"local save of step {step}"
-            got = comm.exchange({after: [header]}, {before: 1}, tag=tag + " (piece list)",
-                                timeout_secs=self._timeout)
-            listed = json.loads(got[before][0].tobytes())
-            sizes = [int(size) for _, size in listed]
+            got = comm.exchange({after: [header]}, dict.fromkeys(sources, 1),
+                                tag=tag + " (piece list)", timeout_secs=self._timeout)
+            listed = [(q, key, int(size)) for q in sources
+                      for key, size in json.loads(got[q][0].tobytes())]
+            sizes = [size for _, _, size in listed]
             if [b.nbytes for b in self._peer_buffers] != sizes:
                 self._peer_buffers = [np.empty(size, np.uint8) for size in sizes]
-            got = comm.exchange({after: [data for _, data in pieces]},
-                                {before: self._peer_buffers},
+            into, at = {}, 0
+            for q in sources:
+                count = sum(1 for source, _, _ in listed if source == q)
+                into[q], at = self._peer_buffers[at:at + count], at + count
+            got = comm.exchange({after: [data for _, data in pieces]}, into,
                                 tag=tag + " (pieces)", timeout_secs=self._timeout)
-            copies.append(("peer", list(zip([k for k, _ in listed], got[before],
-                                            strict=True)), before))
+            received = [buffer for q in sources for buffer in got[q]]
+            copies.append(("peer", list(zip([key for _, key, _ in listed], received,
+                                            strict=True)), sources))
             phases.mark("exchange")
         error = None
         try:
@@ -371,8 +389,8 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def _write_copies(where: str, copies: list[tuple[str, list, int | None]]) -> None:
-    """Writes each (kind, [(key, bytes)], source process) as ``<kind>/<i>.bin`` files,
+def _write_copies(where: str, copies: list[tuple[str, list, list[int] | None]]) -> None:
+    """Writes each (kind, [(key, bytes)], source processes) as ``<kind>/<i>.bin`` files,
     all on one pool, then each kind's index ``<kind>.json``."""
     for kind, _, _ in copies:
         os.makedirs(os.path.join(where, kind), exist_ok=True)
@@ -393,7 +411,30 @@ def _write_copies(where: str, copies: list[tuple[str, list, int | None]]) -> Non
     for kind, _, source in copies:
         entries = [entry for k, entry in written if k == kind]
         _write_atomic(os.path.join(where, f"{kind}.json"),
-                      json.dumps({"source_process": source, "pieces": entries}).encode())
+                      json.dumps({"source_processes": source, "pieces": entries}).encode())
+
+
+def peer_map(domains: list[str]) -> list[int]:
+    """Who keeps each process's peer copy: ``result[p]``, given each one's failure domain.
+
+    Processes are ordered by domain (then index) and each sends to the process the
+    largest domain's size further along that order: with equal domains, that is the
+    same position in the next domain, so each process receives exactly one copy and
+    losing one whole domain loses no piece. Where that lands in its own domain (one
+    domain holds more than half the processes), the next process of another domain
+    is taken instead; with a single domain, the next process (losing one process's
+    directory still loses nothing).
+    """
+    n = len(domains)
+    order = sorted(range(n), key=lambda p: (domains[p], p))
+    shift = max(domains.count(d) for d in set(domains)) % n if n > 1 else 0
+    result = []
+    for p in range(n):
+        at = order.index(p)
+        candidates = [order[(at + shift + k) % n] for k in range(n)]
+        other = [q for q in candidates if domains[q] != domains[p]]
+        result.append(other[0] if other else order[(at + 1) % n])
+    return result
 
 
 def _volume(bounds) -> int:

@@ -155,6 +155,8 @@ class CheckpointManager(ManagerExtras):
         restarted job may give it to any rank.
       local_every: local saves at steps that are multiples of it (default 1).
       local_max_to_keep: committed local steps kept in each local directory.
+      local_failure_domain: what this process fails with (default: its host name;
+        e.g. a rack): each peer copy goes to another domain when there is one.
 
     Raises:
       ValueError: ``max_to_keep`` is not positive, ``checkpoint_interval`` is given
@@ -179,6 +181,7 @@ class CheckpointManager(ManagerExtras):
         local_directory=None,
         local_every=None,
         local_max_to_keep=2,
+        local_failure_domain=None,
     ):
         max_to_keep = _check_max_to_keep(max_to_keep)
         if local_every is not None and (isinstance(local_every, bool) or not isinstance(
@@ -219,7 +222,8 @@ class CheckpointManager(ManagerExtras):
         self.restored_from: str | None = None  # where the last restore read from
         self._start()
         self._local = None if local_directory is None else LocalTier(
-            local_directory, max_to_keep=local_max_to_keep, comm=self._comm)
+            local_directory, max_to_keep=local_max_to_keep, comm=self._comm,
+            failure_domain=local_failure_domain)
         # After the start collective, so every process builds the watcher at one point.
         self._preemption = (
             PreemptionWatcher(self._comm, timeout_secs=CheckpointOptions().timeout_secs)

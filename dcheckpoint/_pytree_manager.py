@@ -94,6 +94,8 @@ class PytreeManager(CheckpointManager):
         checkpoints. It belongs to the host: a restarted job may hand it to any rank.
       local_every: save to the local tier at steps that are multiples of it (default 1).
       local_max_to_keep: committed local steps kept in each local directory.
+      local_failure_domain: what this process fails with (default: its host name;
+        e.g. a rack): each peer copy goes to another domain when there is one.
 
     Example:
       >>> abstract = jax.eval_shape(create_state)            # shapes, dtypes, shardings
@@ -108,7 +110,7 @@ class PytreeManager(CheckpointManager):
                  checkpoint_name="ckpt", save_interval_steps=None, best_fn=None,
                  best_mode="max", save_on_preemption=False,
                  options: CheckpointOptions | None = None, local_directory=None,
-                 local_every=None, local_max_to_keep=2):
+                 local_every=None, local_max_to_keep=2, local_failure_domain=None):
         if save_interval_steps is not None and (
                 isinstance(save_interval_steps, bool) or not isinstance(
                     save_interval_steps, numbers.Integral) or save_interval_steps < 1):
@@ -121,7 +123,8 @@ class PytreeManager(CheckpointManager):
                          checkpoint_name, best_fn=best_fn, best_mode=best_mode,
                          save_on_preemption=save_on_preemption,
                          local_directory=local_directory, local_every=local_every,
-                         local_max_to_keep=local_max_to_keep)
+                         local_max_to_keep=local_max_to_keep,
+                         local_failure_domain=local_failure_domain)
 
     def save(self, step, tree, *, metadata=None, options=None, force=False) -> str | None:
         """Saves ``tree`` as the checkpoint of ``step``, then applies retention.

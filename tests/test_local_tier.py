@@ -71,6 +71,22 @@ def test_local_tier_phases(tmp_path):
     assert "using the persistent tier (latest step 5)" in stderr
 
 
+def test_failure_domains_send_every_copy_out_of_the_big_domain(tmp_path, monkeypatch):
+    # Hosts 0-2 in rack r1, host 3 in r2: hosts 0-2 send their copies to host 3, host 3
+    # to host 2. Losing host 3 (every copy of r1's pieces) still restores step 6.
+    monkeypatch.setenv("LOCAL_DOMAINS", "r1,r1,r1,r2")
+    persistent, hosts = str(tmp_path / "persistent"), str(tmp_path / "hosts")
+    out = results(run_launch(WORKER, "train", persistent, hosts, "0,1,2,3", 6,
+                             processes=4, devices_per_process=2))
+    assert [r["local"] for r in out] == [[4, 6]] * 4
+    peer = json.load(open(os.path.join(hosts, "host3", "step-6", "peer.json")))
+    assert peer["source_processes"] == [0, 1, 2]
+    shutil.rmtree(os.path.join(hosts, "host3"))
+    restored, _ = _restore(persistent, hosts, "3,2,1,0", "4x2")
+    assert [(r["step"], r["from"], r["identical"]) for r in restored] == [
+        (6, "local step 6", True)] * 4
+
+
 def _inventory(step, save, pieces, kind="own"):
     return {"step": step, "save": save, "time": float(step),
             "arrays": {"w": 8}, "pieces": {key: [kind, 16] for key in pieces}}
@@ -158,3 +174,19 @@ def test_local_every_needs_a_local_directory_and_a_step_counter(tmp_path):
     with pytest.raises(ValueError, match="needs a step_counter"):
         dcheckpoint.CheckpointManager(dcheckpoint.Checkpoint(), tmp_path / "b", 1,
                                       local_directory=tmp_path / "local")
+
+
+@pytest.mark.parametrize(("domains", "expected"), [
+    (["h"] * 4, [1, 2, 3, 0]),                     # one domain: the next process
+    (["a", "a", "b", "b"], [2, 3, 0, 1]),           # 2 hosts x 2: the other host's twin
+    (["a", "b", "a", "b"], [1, 0, 3, 2]),           # interleaved ranks: still across
+    (["r1", "r1", "r1", "r2"], [3, 3, 3, 2]),       # one big domain: every copy leaves it
+    (["x"], [0]),
+])
+def test_peer_map_sends_each_copy_out_of_its_failure_domain(domains, expected):
+    from dcheckpoint._local_tier import peer_map
+
+    peers = peer_map(domains)
+    assert peers == expected
+    if len(set(domains)) > 1:
+        assert all(domains[p] != domains[q] for p, q in enumerate(peers))

@@ -49,10 +49,15 @@ def state_on(mesh, step):
     return {"w": w, "b": b, "count": np.int32(step)}
 
 
+# LOCAL_DOMAINS="r1,r1,r1,r2": each host's failure domain (default: the host name).
+domains = os.environ.get("LOCAL_DOMAINS")
+domain = domains.split(",")[host] if domains else None
+
+
 def manager():
     return dcheckpoint.PytreeManager(persistent, max_to_keep=2, save_interval_steps=5,
                                      local_directory=local, local_every=2,
-                                     local_max_to_keep=2,
+                                     local_max_to_keep=2, local_failure_domain=domain,
                                      options=dcheckpoint.CheckpointOptions(enable_async=True))
 
 
