@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from ._engine import read_metadata
-from ._local_tier import describe_local_directory
+from ._local_format import describe_local_directory
 from ._lock import DirectoryLock
 from ._metadata import METADATA_FILE, CheckpointMetadata
 from ._state_file import (

@@ -42,13 +42,11 @@ import concurrent.futures as cf
 import json
 import logging
 import math
-import mmap
 import os
 import shutil
 import socket
 import time
 import uuid
-import zlib
 from collections.abc import Mapping
 from concurrent.futures import Future
 from typing import Any
@@ -59,25 +57,31 @@ import numpy as np
 from . import _tensorstore as tsio
 from ._comm import Communicator, agree, default_communicator, run_ordered, submit
 from ._engine import snapshot
+from ._local_format import (
+    COMMITTED,
+    IO_THREADS,
+    KINDS,
+    METADATA,
+    STEP_PREFIX,
+    bounds_of,
+    map_piece,
+    piece_key,
+    read_bytes,
+    read_json,
+    step_of,
+    verify,
+    write_atomic,
+    write_copies,
+)
 from ._metadata import CheckpointMetadata, decode_metadata, encode_metadata
 from ._options import CheckpointOptions
 from ._plan import SavePlan, finish_read, plan_read, plan_save, record_process_values
 from .errors import CheckpointError
 
-try:  # 3-4x faster than zlib's crc32 where installed (zarr brings it)
-    import google_crc32c as _crc32c
-except ImportError:  # pragma: no cover
-    _crc32c = None
-
-__all__ = ["LocalTier", "LocalRestore", "LocalStepUnusable", "describe_local_directory"]
+__all__ = ["LocalTier", "LocalRestore", "LocalStepUnusable", "peer_map"]
 
 logger = logging.getLogger(__name__)
 
-STEP_PREFIX = "step-"
-COMMITTED = "COMMITTED"
-METADATA = "metadata.json"
-_KINDS = ("own", "peer")
-_IO_THREADS = 4
 
 
 class _Phases:
@@ -100,49 +104,18 @@ class LocalStepUnusable(CheckpointError):
     """The chosen local step lost a piece it needs (bad checksums); open another."""
 
 
-def _checksum(buffer: np.ndarray) -> tuple[str, int]:
-    data = buffer.reshape(-1).view(np.uint8)
-    if _crc32c is not None:
-        return "crc32c", _crc32c.value(data)
-    return "crc32", zlib.crc32(data)
 
 
-def _verify(buffer: np.ndarray, algorithm: str, expected: int) -> bool:
-    data = buffer.reshape(-1).view(np.uint8)
-    if algorithm == "crc32c" and _crc32c is not None:
-        return _crc32c.value(data) == expected
-    if algorithm == "crc32":
-        return zlib.crc32(data) == expected
-    return False  # a checksum this process cannot compute: never trust the copy
 
 
-def piece_key(path: str, index) -> str:
-    """The global name of a piece: its array path and global bounds (JSON)."""
-    return json.dumps([path, [[s.start, s.stop] for s in index]])
 
 
-def _bounds(key: str) -> tuple[str, tuple[tuple[int, int], ...]]:
-    path, bounds = json.loads(key)
-    return path, tuple((int(a), int(b)) for a, b in bounds)
 
 
-def _step_of(name: str) -> int | None:
-    digits = name[len(STEP_PREFIX):]
-    if name.startswith(STEP_PREFIX) and digits.isascii() and digits.isdigit():
-        return int(digits)
-    return None
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "wb") as f:
-        f.write(data)
-    os.replace(temporary, path)
 
 
-def _read_json(path: str) -> Any:
-    with open(path, "rb") as f:
-        return json.loads(f.read())
 
 
 class LocalTier:
@@ -256,7 +229,7 @@ class LocalTier:
         try:
             shutil.rmtree(where, ignore_errors=True)  # an older save of this step
             os.makedirs(where)
-            _write_copies(where, copies)
+            write_copies(where, copies)
             phases.mark("write")
         except Exception as e:  # reported to every process in step 4
             error = f"process {me}: writing {where}: {type(e).__name__}: {e}"
@@ -274,9 +247,9 @@ class LocalTier:
                         commit, kind="local save", tag=f"local save outcome of step {step}",
                         timeout_secs=self._timeout)
         # Written once committed: it records every process's per-process values.
-        _write_atomic(os.path.join(where, METADATA), self._metadata(
+        write_atomic(os.path.join(where, METADATA), self._metadata(
             plan, object_graph, user_metadata, decided["values"]))
-        _write_atomic(os.path.join(where, COMMITTED), json.dumps(
+        write_atomic(os.path.join(where, COMMITTED), json.dumps(
             {"step": step, "process_count": n, "save": decided["save"],
              "time": decided["time"]}).encode())
         self._apply_retention()
@@ -288,11 +261,11 @@ class LocalTier:
     def _committed(self) -> list[tuple[int, dict]]:
         found = []
         for name in os.listdir(self.directory):
-            step = _step_of(name)
+            step = step_of(name)
             if step is None:
                 continue
             try:
-                marker = _read_json(os.path.join(self.directory, name, COMMITTED))
+                marker = read_json(os.path.join(self.directory, name, COMMITTED))
             except (OSError, ValueError):
                 continue
             if isinstance(marker, dict) and marker.get("step") == step:
@@ -306,7 +279,7 @@ class LocalTier:
         keep = set(committed[-self.max_to_keep:])
         newest = committed[-1] if committed else None
         for name in os.listdir(self.directory):
-            step = _step_of(name)
+            step = step_of(name)
             if step is None or step in keep:
                 continue
             if step in committed or (newest is not None and step < newest):
@@ -350,12 +323,12 @@ class LocalTier:
             where = os.path.join(self.directory, f"{STEP_PREFIX}{step}")
             pieces: dict[str, list] = {}
             try:
-                meta = decode_metadata(_read(os.path.join(where, METADATA)), source=where)
-                for kind in _KINDS:
+                meta = decode_metadata(read_bytes(os.path.join(where, METADATA)), source=where)
+                for kind in KINDS:
                     index = os.path.join(where, f"{kind}.json")
                     if not os.path.exists(index):
                         continue
-                    for entry in _read_json(index)["pieces"]:
+                    for entry in read_json(index)["pieces"]:
                         if (marker["save"], entry["key"], kind) not in self._bad:
                             pieces.setdefault(entry["key"], [kind, entry["nbytes"]])
             except (OSError, ValueError, KeyError, CheckpointError) as e:
@@ -372,7 +345,7 @@ class LocalTier:
         me = self._comm.process_index
         data = None
         if mine is not None:
-            data = _read(os.path.join(self.directory, f"{STEP_PREFIX}{decided['step']}",
+            data = read_bytes(os.path.join(self.directory, f"{STEP_PREFIX}{decided['step']}",
                                       METADATA))
         sends = {p: [data] for p in lacking} if me == source else {}
         receives = {source: 1} if me in lacking else {}
@@ -384,34 +357,8 @@ class LocalTier:
         return os.path.join(self.directory, f"{STEP_PREFIX}{step}")
 
 
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
-def _write_copies(where: str, copies: list[tuple[str, list, list[int] | None]]) -> None:
-    """Writes each (kind, [(key, bytes)], source processes) as ``<kind>/<i>.bin`` files,
-    all on one pool, then each kind's index ``<kind>.json``."""
-    for kind, _, _ in copies:
-        os.makedirs(os.path.join(where, kind), exist_ok=True)
-
-    def write(job):
-        kind, i, key, data = job
-        flat = data.reshape(-1).view(np.uint8)
-        algorithm, value = _checksum(flat)
-        with open(os.path.join(where, kind, f"{i}.bin"), "wb") as f:
-            f.write(memoryview(flat))
-        return kind, {"key": key, "file": f"{kind}/{i}.bin", "nbytes": int(flat.nbytes),
-                      "checksum": algorithm, "value": value}
-
-    jobs = [(kind, i, key, data) for kind, pieces, _ in copies
-            for i, (key, data) in enumerate(pieces)]
-    with cf.ThreadPoolExecutor(_IO_THREADS) as pool:
-        written = list(pool.map(write, jobs))
-    for kind, _, source in copies:
-        entries = [entry for k, entry in written if k == kind]
-        _write_atomic(os.path.join(where, f"{kind}.json"),
-                      json.dumps({"source_processes": source, "pieces": entries}).encode())
 
 
 def peer_map(domains: list[str]) -> list[int]:
@@ -456,7 +403,7 @@ def _choose_step(inventories: list[list[dict]]) -> dict:
     for c in sorted(candidates.values(), key=lambda c: (c["step"], c["time"]), reverse=True):
         covered: dict[str, int] = {}
         for key in c["holders"]:
-            path, bounds = _bounds(key)
+            path, bounds = bounds_of(key)
             covered[path] = covered.get(path, 0) + _volume(bounds)
         short = sorted(p for p, numel in c["arrays"].items() if covered.get(p, 0) != numel)
         if short:
@@ -516,7 +463,7 @@ class LocalRestore:
                  for path, target in targets.items()}
         by_array: dict[str, list] = {}
         for key in self._holders:
-            path, bounds = _bounds(key)
+            path, bounds = bounds_of(key)
             by_array.setdefault(path, []).append((key, bounds))
         needs = sorted({key for path, (_, reads) in plans.items() for read in reads
                         for key, _ in _overlapping(by_array.get(path, ()), read.index)})
@@ -570,10 +517,10 @@ class LocalRestore:
         """Reads and checks the pieces this process serves: ({(key, kind): bytes}, bad)."""
         if self._index is None:
             self._index = {}
-            for kind in _KINDS:
+            for kind in KINDS:
                 path = os.path.join(self._where, f"{kind}.json")
                 if os.path.exists(path):
-                    for entry in _read_json(path)["pieces"]:
+                    for entry in read_json(path)["pieces"]:
                         self._index[(entry["key"], kind)] = entry
 
         def load(what):
@@ -581,15 +528,15 @@ class LocalRestore:
             try:
                 if entry is None:
                     raise FileNotFoundError(what)
-                buffer = _map(os.path.join(self._where, entry["file"]), entry["nbytes"])
+                buffer = map_piece(os.path.join(self._where, entry["file"]), entry["nbytes"])
                 if buffer is None:
                     return what, None
-                ok = _verify(buffer, entry["checksum"], entry["value"])
+                ok = verify(buffer, entry["checksum"], entry["value"])
                 return what, buffer if ok else None
             except OSError:
                 return what, None
 
-        with cf.ThreadPoolExecutor(_IO_THREADS) as pool:
+        with cf.ThreadPoolExecutor(IO_THREADS) as pool:
             loaded = dict(pool.map(load, sorted(served)))
         failed = sorted([list(w) for w, b in loaded.items() if b is None])
         return {w: b for w, b in loaded.items() if b is not None}, failed
@@ -630,24 +577,6 @@ class LocalRestore:
         return jax.make_array_from_single_device_arrays(meta.shape, sharding, buffers)
 
 
-def _map(path: str, nbytes: int) -> np.ndarray | None:
-    """The bytes of a piece file, mapped copy-on-write (None: not ``nbytes`` long).
-
-    On tmpfs the mapping is the page cache itself, so a piece is read without a copy,
-    and a CPU device adopts it as its buffer; private pages keep the file unchanged
-    if a jitted step later donates and overwrites that buffer. Elsewhere (an
-    accelerator) the host-to-device copy reads the mapping directly.
-    """
-    if nbytes == 0:
-        return np.empty(0, np.uint8)
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size != nbytes:
-            return None
-        # No MAP_POPULATE: on a private writable mapping it write-faults every page,
-        # i.e. copies the whole file (3x slower than mapping pages on first read).
-        mapped = mmap.mmap(f.fileno(), nbytes, flags=mmap.MAP_PRIVATE,
-                           prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    return np.frombuffer(mapped, np.uint8)
 
 
 def _overlapping(pieces, index) -> list:
@@ -656,27 +585,4 @@ def _overlapping(pieces, index) -> list:
             if all(a < s.stop and s.start < b for (a, b), s in zip(bounds, index, strict=True))]
 
 
-def describe_local_directory(directory: str) -> list[dict]:
-    """What one process's local directory holds, step by step (for ``dcheckpoint ls``)."""
-    rows = []
-    for name in sorted(os.listdir(directory), key=lambda n: _step_of(n) or -1):
-        step = _step_of(name)
-        if step is None:
-            continue
-        where = os.path.join(directory, name)
-        row: dict[str, Any] = {"step": step, "path": where, "committed": False}
-        try:
-            marker = _read_json(os.path.join(where, COMMITTED))
-            row.update(committed=True, save=marker.get("save"), time=marker.get("time"))
-        except (OSError, ValueError):
-            pass
-        for kind in _KINDS:
-            try:
-                entries = _read_json(os.path.join(where, f"{kind}.json"))["pieces"]
-                row[kind] = {"pieces": len(entries),
-                             "bytes": sum(e["nbytes"] for e in entries)}
-            except (OSError, ValueError, KeyError):
-                row[kind] = None
-        rows.append(row)
-    return rows
 

@@ -8,7 +8,8 @@ import shutil
 
 import pytest
 
-from dcheckpoint._local_tier import _assign, _choose_step, piece_key
+from dcheckpoint._local_format import piece_key
+from dcheckpoint._local_tier import _assign, _choose_step
 from tests.mp_util import REPO_ROOT, results, run_launch
 
 WORKER = REPO_ROOT / "tests" / "workers" / "local_tier_worker.py"
