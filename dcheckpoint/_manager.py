@@ -443,18 +443,24 @@ class CheckpointManager(ManagerExtras):
                         "latest: %s)", opened.step, time.perf_counter() - started, latest)
             return opened
 
-    def _save_local(self, checkpoint_number, metadata, force: bool) -> None:
-        """The local save of this ``save()`` call, when one is due (all processes)."""
+    def _prepare_local(self, checkpoint_number, metadata, force: bool):
+        """The local save of this ``save()`` call, planned and snapshotted, as a call
+        that starts it; None when none is due (all processes alike)."""
         if self._local is None:
-            return
+            return None
         step = _evaluate(self._step_counter if self._step_counter is not None
                          else checkpoint_number)
         if step == self._last_local_step or not (force or step % self._local_every == 0):
-            return
+            return None
         arrays, graph = self._checkpoint._dc_flatten()
-        self._local.save(step, arrays, object_graph=graph,
-                         user_metadata={"step": step, **(metadata or {})})
-        self._last_local_step = step
+        start = self._local.prepare(step, arrays, object_graph=graph,
+                                    user_metadata={"step": step, **(metadata or {})})
+
+        def started() -> None:
+            start()
+            self._last_local_step = step
+
+        return started
 
     def _next_number(self, checkpoint_number, check_interval) -> int | None:
         """Steps 1 of the protocol: the number to save under, or None to skip."""
@@ -534,13 +540,17 @@ class CheckpointManager(ManagerExtras):
                 self._checkpoint.sync()  # as the others do first: an earlier error wins
                 _engine.save_failed_here(f"{self._prefix}-{number}", refused,
                                          options=options)
+            # Snapshotted after numbering (the local step holds this call's
+            # save_counter) and before the persistent save starts writing; started
+            # after it, so the persistent save keeps its place in the collectives.
+            local = self._prepare_local(checkpoint_number, metadata, force=not check_interval)
             path = None if number is None else self._write(number, options, metadata)
         except Exception:
             if number is None or not self._checkpoint._committed(f"{self._prefix}-{number}"):
                 self._take_back(before)
             raise
-        # After the persistent save, so a local step holds this call's save_counter.
-        self._save_local(checkpoint_number, metadata, force=not check_interval)
+        if local is not None:
+            local()
         if preempted:
             self._exit_preempted(path)
         return path
