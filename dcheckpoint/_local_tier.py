@@ -2,19 +2,20 @@
 
 A local save writes this process's replica-0 shards ("pieces", each named by its array
 path and global index, never by a process id) under ``<local dir>/step-<N>/own/``, and
-a copy of the previous process's pieces, sent to it point to point, under ``peer/``:
-process ``p`` keeps its own pieces and those of ``(p - 1) % n``, so losing any one
-host's directory loses no piece. Protocol of one save, with roles:
+keeps the copy of a peer's pieces, sent to it point to point, under ``peer/``. Who
+copies to whom follows the failure domains (`peer_map`: the host name by default; in
+a job on one machine, process ``p`` sends to ``(p + 1) % n``), so losing any one
+domain's directories loses no piece. Files: `_local_format`. Protocol of one save,
+with roles:
 
   1. (all, caller's thread) plan and snapshot this process's shards to host memory;
      the rest runs on the collectives thread, in the job's one order of collectives.
-  2. (all) write own pieces (raw bytes, a checksum each) and ``metadata.json``.
-  3. (all) send own pieces to the peer (``(p + 1) % n`` in a job on one failure
-     domain; in another domain where there are several: `peer_map`); receive the
-     pieces of whoever sends here; write both copies.
-  4. (all) report success to the coordinator; (coordinator) if every process wrote
-     both copies, commit: choose the save's id and time.
-  5. (all) write ``COMMITTED`` (the id) atomically; then apply retention locally.
+  2. (all) send own pieces to the peer and receive those of whoever sends here
+     (memory to memory); write both copies (raw bytes, a checksum each).
+  3. (all) report success and this process's per-process values to the coordinator;
+     (coordinator) if every process wrote both copies, commit: a save id and time.
+  4. (all) write ``metadata.json`` (every process's values in its graph), then
+     ``COMMITTED`` (the id), atomically; then apply retention locally.
 
 A step without ``COMMITTED`` (a save killed midway) is never restored from. Nothing is
 fsynced: the tier survives the death of processes, not of the host (tmpfs would not
