@@ -125,6 +125,8 @@ class LocalTier:
     Args:
       directory: this process's node-local directory (tmpfs or local disk). It belongs
         to the host, not to a rank: a restarted job may give it to another rank.
+      run: names the job whose steps these are (a manager passes its persistent
+        directory): steps another run left in the directory are never restored.
       failure_domain: what this process fails with (default: its host name; a rack
         name where whole racks fail): the peer copy goes to another domain whenever
         there is one (see `peer_map`).
@@ -134,11 +136,13 @@ class LocalTier:
     """
 
     def __init__(self, directory, *, max_to_keep: int = 2, comm: Communicator | None = None,
-                 timeout_secs: float | None = None, failure_domain: str | None = None):
+                 timeout_secs: float | None = None, failure_domain: str | None = None,
+                 run: str | None = None):
         if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1:
             raise ValueError(f"local_max_to_keep must be a positive int, got {max_to_keep!r}")
         self.directory = os.fspath(directory)
         self.max_to_keep = max_to_keep
+        self.run = run
         self._comm = comm or default_communicator()
         if not self._comm.supports_exchange:
             raise ValueError(
@@ -266,7 +270,7 @@ class LocalTier:
             plan, object_graph, user_metadata, decided["values"]))
         write_atomic(os.path.join(where, COMMITTED), json.dumps(
             {"step": step, "process_count": n, "save": decided["save"],
-             "time": decided["time"]}).encode())
+             "time": decided["time"], "run": self.run}).encode())
         self._apply_retention()
         nbytes = sum(data.nbytes for _, data in pieces)
         phases.mark("commit")
@@ -283,7 +287,8 @@ class LocalTier:
                 marker = read_json(os.path.join(self.directory, name, COMMITTED))
             except (OSError, ValueError):
                 continue
-            if isinstance(marker, dict) and marker.get("step") == step:
+            if (isinstance(marker, dict) and marker.get("step") == step
+                    and marker.get("run") == self.run):  # another run's: ignored
                 found.append((step, marker))
         return found
 

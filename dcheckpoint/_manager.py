@@ -223,7 +223,7 @@ class CheckpointManager(ManagerExtras):
         self._start()
         self._local = None if local_directory is None else LocalTier(
             local_directory, max_to_keep=local_max_to_keep, comm=self._comm,
-            failure_domain=local_failure_domain)
+            failure_domain=local_failure_domain, run=open_storage(self._directory).path)
         # After the start collective, so every process builds the watcher at one point.
         self._preemption = (
             PreemptionWatcher(self._comm, timeout_secs=CheckpointOptions().timeout_secs)

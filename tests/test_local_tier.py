@@ -161,6 +161,13 @@ def test_one_process_object_api_resumes_from_the_local_tier_and_ls_shows_it(
     assert int(manager.checkpoint.save_counter.value) == 2  # as after the call at step 6
     assert next(job.data).tolist() == [12, 13]  # six batches were read by step 6
 
+    # Another run (another persistent directory) never takes this run's local steps.
+    other = dcheckpoint.CheckpointManager(
+        dcheckpoint.Checkpoint(step=dcheckpoint.Variable(jnp.int32(0))), tmp_path / "other",
+        max_to_keep=1, step_counter=dcheckpoint.Variable(jnp.int32(0)),
+        local_directory=tmp_path / "local")
+    assert other.local_steps == [] and other.restore_or_initialize() is None
+
     assert main(["ls", "--local", str(tmp_path / "local"), "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["local"][0]["steps"]
     assert [(r["step"], r["committed"], r["own"]["pieces"]) for r in listed] == [
