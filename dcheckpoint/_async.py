@@ -8,7 +8,9 @@ process 1's first), and it keeps our collectives off the training thread.
 
 An async save snapshots this process's shards to host memory before returning, so the
 caller may assign, donate or delete its arrays at once; the write and the commit run
-in the background. Its error is kept and raised by the next ``save()`` or ``sync()``;
+in the background. A read of that directory meanwhile (``read_metadata``, so every
+restore) waits for it rather than finding nothing. Its error is kept and raised by the
+next ``save()`` or ``sync()``;
 one nobody collected is printed at interpreter exit, which also waits for the save.
 """
 
@@ -22,7 +24,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
-from ._comm import default_communicator, submit
+from ._comm import default_communicator, submit, track_save
 from ._engine import plan_save, save_failed_here, snapshot, write_and_commit
 from ._log import log_save
 from ._options import CheckpointOptions, run_write_callbacks
@@ -93,6 +95,7 @@ class Saver:
             return future.result()
         with _LOCK:
             _UNCOLLECTED[id(future)] = future
+        track_save(directory, future)  # a read of it waits (read_metadata)
         self._pending = future
         return directory
 

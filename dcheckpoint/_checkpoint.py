@@ -76,15 +76,17 @@ class _Restorer:
       state: the ``MatchState`` the load status reports from.
       host_target: the engine target of values with no sharding of their own (numpy
         leaves); ``None`` means "host numpy".
+      cast_dtypes: cast saved values to the object's dtype where they differ (opt-in).
 
     Deferred restores hold this object, never a walk, so that a walk's memo (which pins
     the values it replaced, device arrays included) dies with the walk.
     """
 
-    def __init__(self, directory, metadata, state: MatchState, host_target, reader=None):
+    def __init__(self, directory, metadata, state: MatchState, host_target,
+                 cast_dtypes: bool = False, reader=None):
         self.directory, self.metadata, self.state = directory, metadata, state
         self.nodes, self.aliases = check_graph(metadata.object_graph, source=str(directory))
-        self.host_target = host_target
+        self.host_target, self.cast_dtypes = host_target, cast_dtypes
         # {path: target} -> {path: value}: the engine's, or another source's (the local
         # tier's, whose reads are collective).
         self._read = reader or functools.partial(
@@ -187,8 +189,8 @@ class _Walk:
             )
         inner = get_inner(value) if kind == "variable" else value
         target, convert, check_early = leaf_target(
-            inner, meta, ckpt_path, cur_path, self._source.host_target
-        )
+            inner, meta, ckpt_path, cur_path, self._source.host_target,
+            cast=self._source.cast_dtypes)
         return self._array(value, kind, ckpt_path, target, convert, check_early)
 
     def _restore_process_state(self, value, kind, node, ckpt_path, cur_path):
@@ -559,8 +561,12 @@ class Checkpoint(AutoTrackable):
         """Whether the save to ``path`` that just raised committed first (see Saver)."""
         return self._dc_saver.committed == path
 
-    def restore(self, save_path: str | None, options=None):
+    def restore(self, save_path: str | None, options=None, *, cast_dtypes: bool = False):
         """Restores a ``save`` (or ``write``) output, ``save_counter`` included.
+
+        ``cast_dtypes=True`` casts a saved value to its object's dtype where they differ
+        (a bfloat16 checkpoint into a float32 eval model), on the object's devices; by
+        default a dtype difference is a ``CheckpointMismatchError``. Shapes must match.
 
         Returns:
           A ``CheckpointLoadStatus``; for ``save_path=None`` an
@@ -573,10 +579,12 @@ class Checkpoint(AutoTrackable):
         if save_path is None:
             return InitializationOnlyStatus()
         self.save_counter  # noqa: B018  (created now, as TF does, so it is matched)
-        return self.read(save_path, options)
+        return self.read(save_path, options, cast_dtypes=cast_dtypes)
 
-    def read(self, save_path: str, options=None) -> CheckpointLoadStatus:
-        """Restores a ``write`` output; creates no ``save_counter``.
+    def read(self, save_path: str, options=None, *,
+             cast_dtypes: bool = False) -> CheckpointLoadStatus:
+        """Restores a ``write`` output; creates no ``save_counter``. ``cast_dtypes``: as
+        ``restore``.
 
         Returns:
           The ``CheckpointLoadStatus``. Values whose object does not exist yet are
@@ -584,14 +592,15 @@ class Checkpoint(AutoTrackable):
         """
         del options  # no CheckpointOptions field changes a restore (see README)
         save_path, metadata = _open(save_path)
-        return self._dc_read(save_path, metadata)
+        return self._dc_read(save_path, metadata, cast_dtypes=cast_dtypes)
 
-    def _dc_read_from(self, source) -> CheckpointLoadStatus:
+    def _dc_read_from(self, source, *, cast_dtypes: bool = False) -> CheckpointLoadStatus:
         """Restores from another source of arrays than a checkpoint directory: an
         object with ``where``, ``metadata`` and ``read(targets)`` (the local tier's
         `LocalRestore`, whose reads are collective: every process restores alike)."""
         self.save_counter  # noqa: B018  (as restore: created now, so it is matched)
-        return self._dc_read(source.where, source.metadata, source.read)
+        return self._dc_read(source.where, source.metadata, source.read,
+                             cast_dtypes=cast_dtypes)
 
     def _dc_flatten(self) -> tuple[dict, dict]:
         """``({array path: value}, object graph)`` of what a save writes now."""
@@ -600,10 +609,12 @@ class Checkpoint(AutoTrackable):
             arrays[SAVE_COUNTER] = np.asarray(arrays[SAVE_COUNTER])
         return arrays, graph
 
-    def _dc_read(self, save_path, metadata, reader=None) -> CheckpointLoadStatus:
+    def _dc_read(self, save_path, metadata, reader=None, *,
+                 cast_dtypes: bool = False) -> CheckpointLoadStatus:
         started = time.perf_counter()
         state = MatchState(checkpoint_paths=frozenset(), save_path=str(save_path))
-        source = _Restorer(save_path, metadata, state, self._dc_host_target(), reader)
+        source = _Restorer(save_path, metadata, state, self._dc_host_target(), cast_dtypes,
+                           reader)
         state.checkpoint_paths = frozenset(metadata.arrays) | source.graph_values()
         top, root = self._dc_top(), source.node("")
         restored = source.batched(lambda walker: walker.restore_children(top, root, "", ""))

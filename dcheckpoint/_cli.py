@@ -7,8 +7,8 @@
 
 Each takes ``--json`` for scripts. Locations may be local paths or object store URLs
 (``s3://bucket/run``). Exit status: 0 success, 1 ``verify`` found problems, 2 the
-location is wrong (missing, not a checkpoint, unreadable, locked) or the arguments are.
-Only ``rm`` writes to storage.
+location is wrong (missing, not a checkpoint, unreadable, locked) or the arguments are,
+141 the output pipe closed (``| head``), quietly. Only ``rm`` writes to storage.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ._engine import read_metadata
 from ._local_format import describe_local_directory
 from ._lock import DirectoryLock
 from ._metadata import METADATA_FILE, CheckpointMetadata
+from ._orbax import METADATA_FILE as ORBAX_METADATA_FILE
 from ._state_file import (
     STATE_FILENAME,
     CheckpointState,
@@ -44,6 +45,7 @@ from .errors import CheckpointError, CheckpointLockedError, CorruptCheckpointErr
 __all__ = ["main"]
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a tool a closed pipe stopped
 _NUMBER = re.compile(r"-(\d+)$")
 
 
@@ -56,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:
+        # The reader left (`| head`, `| grep -q`): stop quietly, as Unix tools do. Point
+        # stdout at /dev/null so the interpreter's last flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except (UsageError, CheckpointError, OSError, ValueError) as error:
         message = str(error) if isinstance(error, UsageError) else (
             f"{type(error).__name__}: {error}")
@@ -63,6 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"error": message}))
         print(f"dcheckpoint {args.command}: {message}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def _path_arg(path: str) -> str:
+    """A command's path argument, absolute: the state file records absolute paths, and
+    ``runs/x`` or ``.`` must name the same checkpoints as ``/home/me/runs/x``."""
+    path = path.rstrip("/") or "/"
+    return path if is_url(path) else os.path.abspath(path)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -113,7 +127,7 @@ def _ls(args) -> int:
         else:
             _print_local(local)
         return EXIT_OK
-    directory = args.directory.rstrip("/") or "/"
+    directory = _path_arg(args.directory)
     storage = open_storage(directory)
     if is_committed(directory):
         raise UsageError(f"{directory} is itself a checkpoint; list its parent, or run "
@@ -240,8 +254,8 @@ def _latest(rows: list[dict], state) -> str | None:
 
 
 def _inspect(args) -> int:
-    path = args.checkpoint.rstrip("/") or "/"
-    meta = _read_checkpoint(path)
+    path = _path_arg(args.checkpoint)
+    meta = _read_checkpoint(path, orbax=True)
     arrays = [
         {
             "path": name,
@@ -264,8 +278,10 @@ def _inspect(args) -> int:
                           "bytes": total, "user_metadata": meta.user_metadata,
                           "arrays": arrays}, indent=1))
         return EXIT_OK
+    by = (f"{meta.writer['process_count']} process(es)" if "process_count" in meta.writer
+          else meta.writer.get("library", "an unknown writer"))
     print(f"{path}: {len(arrays)} arrays, {_bytes(total)}, saved {_time(meta.save_time)} "
-          f"UTC by {meta.writer.get('process_count', '?')} process(es)")
+          f"UTC by {by}")
     table = [("ARRAY", "SHAPE", "DTYPE", "SAVED LAYOUT", "SIZE")]
     shown: set[str] = set()
     for a in arrays:
@@ -301,7 +317,7 @@ def _layout_text(layout: dict | None) -> str:
 
 
 def _verify(args) -> int:
-    path = args.checkpoint.rstrip("/") or "/"
+    path = _path_arg(args.checkpoint)
     meta = _read_checkpoint(path)  # a wrong location is a usage error, not damage
     with tqdm(total=chunk_count(meta), desc="verifying", unit="chunk",
               disable=_quiet(args)) as bar:
@@ -335,7 +351,7 @@ def _rm(args) -> int:
     The commit marker goes first, so a deletion cut short leaves nothing a reader takes
     for a checkpoint; then the state file drops the path (and moves "latest" back).
     """
-    path = args.checkpoint.rstrip("/") or "/"
+    path = _path_arg(args.checkpoint)
     if not is_url(path) and os.path.islink(path):
         # Deleting through a link would remove the marker of a checkpoint elsewhere.
         raise UsageError(f"{path} is a symbolic link to {os.path.realpath(path)}; remove "
@@ -398,11 +414,21 @@ def _forget_in_state(directory: str, path: str) -> bool:
 # -- shared --------------------------------------------------------------------------
 
 
-def _read_checkpoint(path: str) -> CheckpointMetadata:
-    """The metadata of ``path``, or a UsageError that says where the checkpoints are."""
+def _read_checkpoint(path: str, *, orbax: bool = False) -> CheckpointMetadata:
+    """The metadata of ``path``, or a UsageError that says where the checkpoints are.
+
+    An Orbax checkpoint is read where ``orbax`` says the command can take one
+    (``inspect``); ``verify`` and ``rm`` work on dcheckpoint's own files only.
+    """
     storage = open_storage(path)
     if storage.exists(METADATA_FILE):
         return read_metadata(path)
+    if storage.exists(ORBAX_METADATA_FILE):
+        if orbax:
+            return read_metadata(path)
+        raise UsageError(f"{path} is an Orbax checkpoint: `dcheckpoint inspect` and "
+                         "restore_pytree read it; this command works on dcheckpoint's own "
+                         "checkpoints (restore it and save it with dcheckpoint to migrate)")
     if not storage.exists():
         raise UsageError(f"{path}: no such checkpoint (nothing exists there)")
     committed = [storage.join(n) for n in storage.list_dir() if is_committed(storage.join(n))]

@@ -50,10 +50,17 @@ from typing import Any, NoReturn
 import jax
 import numpy as np
 
-from . import _packing, errors
+from . import _orbax, _packing, errors
 from . import _tensorstore as tsio
 from ._bounds import check_restore
-from ._comm import Communicator, agree, default_communicator, error_kind, run_ordered
+from ._comm import (
+    Communicator,
+    agree,
+    default_communicator,
+    error_kind,
+    run_ordered,
+    wait_for_save_of,
+)
 from ._env import number_from_env
 from ._gc import paused as _gc_paused
 from ._gc import paused_unless_async as _gc_paused_unless_async
@@ -457,11 +464,25 @@ def read_metadata(directory: str) -> CheckpointMetadata:
       CorruptCheckpointError: the metadata file is damaged or malformed.
     """
     storage = open_storage(directory)
+    saving = None if storage.exists(METADATA_FILE) else wait_for_save_of(directory)
     if not storage.exists(METADATA_FILE):
+        if saving is not None and saving.exception() is not None:
+            raise CheckpointNotFoundError(
+                f"No committed checkpoint at {directory!r}: this process's asynchronous "
+                f"save of it failed ({_describe(saving.exception())}); sync() raises it")
         if storage.exists(STATE_FILENAME):
             raise CheckpointNotFoundError(_manager_directory_hint(directory))
-        why = ("the directory exists but has no metadata file: an incomplete save"
-               if storage.exists() else "no such directory")
+        if storage.exists(_orbax.METADATA_FILE):
+            return _orbax.read_orbax_metadata(storage, directory)
+        why = "no such directory"
+        if storage.exists():
+            try:
+                found = sorted(storage.list_dir())
+            except OSError:  # a file, not a directory
+                found = []
+            why = (f"it holds {found[:8] if found else 'nothing'}, and neither dcheckpoint's "
+                   f"{METADATA_FILE} nor Orbax's {_orbax.METADATA_FILE}: an interrupted "
+                   "save, or not a checkpoint")
         raise CheckpointNotFoundError(
             f"No committed checkpoint at {directory!r} ({why}); expected {METADATA_FILE}"
         )
@@ -506,6 +527,8 @@ def restore_arrays(
         being read (reading it again gives the new one).
     """
     metadata = metadata or read_metadata(directory)
+    if isinstance(metadata, _orbax.OrbaxMetadata):
+        return _orbax.read_arrays(metadata, dict(targets), str(directory))
     try:
         return _read_arrays(directory, targets, metadata=metadata)
     except (CheckpointNotFoundError, CorruptCheckpointError) as error:

@@ -148,7 +148,7 @@ class ExportingCheckpointManager(CheckpointManager):
              metadata=None) -> str | None:
         """Exports artifact ``N``, then saves checkpoint ``N``; see CheckpointManager.save."""
         # A refusal is raised in the export's first step, which every process joins.
-        metadata, refused = self._checked(checkpoint_number, metadata)
+        metadata, checkpoint_number, refused = self._checked(checkpoint_number, metadata)
         before = self._numbering()
         number = self._next_number(checkpoint_number, check_interval)
         if number is None:

@@ -15,13 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dcheckpoint._plan import is_key_array, key_impl_name, python_type
+from dcheckpoint._plan import is_key_array, is_numeric, key_impl_name, python_type
 from dcheckpoint.errors import CheckpointMismatchError
 
 __all__ = ["leaf_target"]
 
 
-def leaf_target(value, meta, ckpt_path: str, cur_path: str, host_target):
+def leaf_target(value, meta, ckpt_path: str, cur_path: str, host_target, cast=False):
     """Where an array leaf is read to, and how the read value becomes the new leaf.
 
     ``value`` is the current object (a Variable's inner value for variables). Arrays
@@ -61,10 +61,25 @@ def leaf_target(value, meta, ckpt_path: str, cur_path: str, host_target):
     if meta.python_type not in (None, "bytes") and shape == ():
         return None, functools.partial(_cast_scalar, value, mismatch), True
     if tuple(meta.shape) != shape or meta.dtype != dtype:
-        raise mismatch(f"shape {shape} dtype {dtype}")
+        if not (cast and tuple(meta.shape) == shape and is_numeric(dtype)
+                and is_numeric(meta.dtype)):
+            hint = " (cast_dtypes=True casts on restore)" if tuple(meta.shape) == shape else ""
+            raise mismatch(f"shape {shape} dtype {dtype}{hint}")
+        return _cast_target(value, meta, host_target)
     if isinstance(value, np.generic):
         return None, (lambda a: np.asarray(a)[()]), False
     return _array_target(value, host_target), _placed_like(value), False
+
+
+def _cast_target(value, meta, host_target):
+    """Reads the saved dtype where ``value`` lives, then casts it to ``value``'s (on its
+    devices for a jax value, on the host for numpy): ``cast_dtypes=True``."""
+    target, placed, dtype = _array_target(value, host_target), _placed_like(value), value.dtype
+    if isinstance(target, jax.ShapeDtypeStruct):
+        target = jax.ShapeDtypeStruct(target.shape, meta.dtype, sharding=target.sharding)
+    if isinstance(value, np.generic):
+        return target, (lambda a: np.asarray(a).astype(dtype)[()]), False
+    return target, (lambda a: placed(a).astype(dtype)), False
 
 
 def _array_target(value, host_target):

@@ -32,7 +32,7 @@ from ._best import check_best_fn, metric_of
 from ._comm import agree, default_communicator, error_kind, run_ordered
 from ._local_tier import LocalRestore, LocalStepUnusable, LocalTier
 from ._lock import DirectoryLock
-from ._manager_extras import ManagerExtras
+from ._manager_extras import ManagerExtras, whole_number
 from ._manager_extras import evaluate_counter as _evaluate
 from ._options import CheckpointOptions
 from ._preemption import PreemptionWatcher
@@ -47,6 +47,7 @@ from ._state_file import (
     remove_leftover_temporaries,
     write_checkpoint_state,
 )
+from ._status import CheckpointAssertionError
 from ._storage import TMP_MARKER, open_storage
 from ._user_metadata import check_user_metadata
 from .errors import CheckpointError, CoordinationError, CorruptCheckpointError
@@ -163,6 +164,8 @@ class CheckpointManager(ManagerExtras):
         without ``step_counter``, or ``best_fn``/``best_mode`` are malformed.
       TypeError: ``max_to_keep`` is not an int or None (a bool or float).
     """
+
+    _NUMBER_ARGUMENT = "checkpoint_number"  # what a refused number is called in the error
 
     def __init__(
         self,
@@ -385,7 +388,7 @@ class CheckpointManager(ManagerExtras):
             if self._local is not None:
                 self._local.sync()
 
-    def restore_or_initialize(self) -> str | None:
+    def restore_or_initialize(self, *, strict: bool = False) -> str | None:
         """Restores the latest checkpoint, or calls ``init_fn`` when there is none.
 
         With a local tier, the newest step complete there (every process's own and
@@ -394,20 +397,32 @@ class CheckpointManager(ManagerExtras):
         latest persistent checkpoint, with a log line saying why (every process
         alike). :attr:`restored_from` says which.
 
+        Args:
+          strict: raise unless the restore matched exactly (``assert_consumed``): every
+            object got a value and every saved value found its object. TF's default,
+            False, is lenient: a renamed layer silently keeps its fresh init (only a
+            warning when the status is garbage collected says so). The error comes after
+            the matched values were assigned; it stops the job before it trains.
+
         Returns:
           The restored checkpoint's path (for a local step: this process's local
           directory of it), or None when it initialised instead.
+
+        Raises:
+          CheckpointAssertionError: with ``strict``, naming the objects that got no value
+            and the saved values that found no object.
         """
         if self._local is not None:
-            opened = self._restore_local(None, self._checkpoint._dc_read_from)
+            opened = self._restore_local(None, lambda source: _check_strict(
+                self._checkpoint._dc_read_from(source), strict))
             if opened is not None:
                 if self._checkpoint_interval is not None:
                     self._last_checkpoint_step = _evaluate(self._step_counter)
                 return opened.where
         latest = self.latest_checkpoint
         if latest is not None:
-            self._checkpoint.restore(latest)
             self.restored_from = latest
+            _check_strict(self._checkpoint.restore(latest), strict)
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = _evaluate(self._step_counter)
             return latest
@@ -480,15 +495,19 @@ class CheckpointManager(ManagerExtras):
             checkpoint_number = _evaluate(save_counter)
         return _evaluate(checkpoint_number)
 
-    def _checked(self, checkpoint_number, metadata) -> tuple[dict | None, Exception | None]:
-        """(the checked metadata, None), or (None, the error): a refusal is raised later,
-        where the other processes of the save learn of it (see save)."""
+    def _checked(self, checkpoint_number, metadata) -> tuple[dict | None, int | None,
+                                                             Exception | None]:
+        """(the checked metadata, the checkpoint number as an int or None, None), or
+        (None, None, the error): a refusal is raised later, where the other processes of
+        the save learn of it (see save)."""
         try:
+            if checkpoint_number is not None:
+                checkpoint_number = whole_number(checkpoint_number, self._NUMBER_ARGUMENT)
             metadata = check_user_metadata(metadata)
             self._check_metric(checkpoint_number, metadata)
         except Exception as e:
-            return None, e
-        return metadata, None
+            return None, None, e
+        return metadata, checkpoint_number, None
 
     def _numbering(self) -> tuple:
         """What `_next_number` changes: the interval clock and the save counter."""
@@ -507,7 +526,9 @@ class CheckpointManager(ManagerExtras):
 
         Args:
           checkpoint_number: used as is in the name; default: the incremented
-            ``checkpoint.save_counter``. A Variable or int.
+            ``checkpoint.save_counter``. An int >= 0, or an integral 0-d array or
+            Variable; anything else (7.5, -1, True) raises TypeError/ValueError on
+            every process and saves nothing.
           check_interval: with ``checkpoint_interval``, skip the save unless enough
             steps passed since the last one; False saves anyway (unless the step did
             not change at all).
@@ -529,7 +550,7 @@ class CheckpointManager(ManagerExtras):
             number; nothing was saved.
           SystemExit: with ``save_on_preemption``, after the preemption save committed.
         """
-        metadata, refused = self._checked(checkpoint_number, metadata)
+        metadata, checkpoint_number, refused = self._checked(checkpoint_number, metadata)
         preempted = self._check_preemption(checkpoint_number)  # collective: every call
         before = self._numbering()
         number = self._next_number(checkpoint_number, check_interval and not preempted)
@@ -631,6 +652,17 @@ class CheckpointManager(ManagerExtras):
         """Deletes one checkpoint from disk (coordinator); subclasses delete more."""
         if delete_checkpoint(path):
             logger.info("deleted old checkpoint %s", path)
+
+
+def _check_strict(status, strict: bool):
+    """``status``, after ``assert_consumed`` when ``strict`` (its error said once)."""
+    if strict:
+        try:
+            status.assert_consumed()
+        except CheckpointAssertionError:
+            status.expect_partial()  # said once, by this error
+            raise
+    return status
 
 
 def _check_max_to_keep(max_to_keep):

@@ -26,6 +26,29 @@ __all__ = ["ManagerExtras", "evaluate_counter"]
 logger = logging.getLogger("dcheckpoint._manager")
 
 
+def whole_number(value, what: str) -> int:
+    """``value`` as a checkpoint or step number: an int, a numpy integer, or an integral
+    0-d array or Variable holding one, >= 0.
+
+    Anything else would be named wrongly: ``int(7.5)`` saves ``ckpt-7``; ``-1`` writes
+    ``ckpt--1``, which no step parser reads back.
+
+    Raises:
+      TypeError: not an integer (a float, a bool, a string, an array of floats or of
+        more than one element).
+      ValueError: a negative integer.
+    """
+    held = value.value if hasattr(value, "value") else value  # a Variable
+    integral_array = (hasattr(held, "dtype") and getattr(held, "shape", None) == ()
+                      and held.dtype.kind in "iu")
+    if not integral_array and (isinstance(held, bool) or not isinstance(held, numbers.Integral)):
+        raise TypeError(f"{what} must be an int, got {value!r} ({type(value).__name__})")
+    number = int(held)
+    if number < 0:
+        raise ValueError(f"{what} must be >= 0, got {number}")
+    return number
+
+
 def evaluate_counter(counter) -> int:
     """The integer value of a step counter: a Variable, an array or a Python int."""
     value = counter.value if hasattr(counter, "value") else counter

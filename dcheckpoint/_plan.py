@@ -248,6 +248,8 @@ def plan_read(path: str, meta: ArrayMetadata, target: Any) -> tuple[Any, list[Re
     Raises:
       CheckpointMismatchError: ``target`` expects another shape or dtype.
     """
+    if meta.python_type not in (None, "bytes") and _of_python_scalar(target):
+        target = None  # eval_shape of a Python scalar: the scalar comes back, as saved
     if meta.key_impl is not None or is_key_array(target):
         target = _key_data_target(path, meta, target)
     sharding, shape, dtype = _target_spec(path, target)
@@ -259,7 +261,7 @@ def plan_read(path: str, meta: ArrayMetadata, target: Any) -> tuple[Any, list[Re
     if dtype is not None and np.dtype(dtype) != meta.dtype:
         raise CheckpointMismatchError(
             f"Array {path!r}: restore target has dtype {np.dtype(dtype).name}, the "
-            f"checkpoint holds {meta.dtype.name}"
+            f"checkpoint holds {meta.dtype.name} (cast_dtypes=True casts on restore)"
         )
     whole = tuple(slice(0, d) for d in meta.shape)
     if sharding is None:
@@ -341,6 +343,22 @@ def _concrete(path: str, sharding: Any) -> Any:
         "devices; restore inside `with jax.set_mesh(mesh):` for a mesh of that shape, or "
         "give the target concrete shardings (jax.sharding.NamedSharding(mesh, spec))"
     )
+
+
+def is_numeric(dtype) -> bool:
+    """Whether ``dtype`` holds numbers (bool included) that an opt-in cast may convert;
+    bfloat16 and the float8s count, though numpy calls their kind "V"."""
+    return bool(jax.dtypes.issubdtype(dtype, np.number) or np.dtype(dtype) == np.bool_)
+
+
+def _of_python_scalar(target: Any) -> bool:
+    """Whether ``target`` is what ``jax.eval_shape`` makes of a Python scalar.
+
+    Its dtype (weakly typed int32/float32) is JAX's default, not the user's choice, so
+    it must not turn away the int or float that the concrete state held and saved.
+    """
+    return (isinstance(target, jax.ShapeDtypeStruct) and target.shape == ()
+            and getattr(target, "weak_type", False))
 
 
 def _target_spec(path: str, target: Any):

@@ -25,7 +25,7 @@ from ._log import log_restore
 from ._metadata import ArrayMetadata, CheckpointMetadata
 from ._options import CheckpointOptions
 from ._paths import join_path, unescape
-from ._plan import key_struct
+from ._plan import is_numeric, key_struct
 from ._tracking import (
     CONTAINER_KINDS,
     GRAPH_FORMAT,
@@ -143,7 +143,8 @@ def pytree_arrays(tree: Any) -> tuple[dict[str, Any], dict]:
 
 
 @_gc_paused
-def restore_pytree(path: str, target: Any = None, *, source: Any = None) -> Any:
+def restore_pytree(path: str, target: Any = None, *, cast_dtypes: bool = False,
+                   source: Any = None) -> Any:
     """Restores the checkpoint at ``path`` into the structure of ``target``.
 
     Args:
@@ -155,6 +156,10 @@ def restore_pytree(path: str, target: Any = None, *, source: Any = None) -> Any:
         a numpy array or None (host numpy), a ``Variable`` or ``nnx.Variable`` holding
         any of these (a new variable holds the result). With no target at all, the
         whole checkpoint comes back as saved (see below).
+      cast_dtypes: a target leaf of another numeric dtype than the saved array (a
+        bfloat16 checkpoint into a float32 eval model) gets the saved values cast to
+        its dtype, on its devices, instead of a CheckpointMismatchError. Off by default:
+        a dtype difference is usually a wrong target. Shapes must still match.
     Returns:
       a pytree of the same structure holding the restored arrays. Without a target:
       host numpy arrays nested as saved, by key name: lists and tuples as lists, every
@@ -198,6 +203,11 @@ def restore_pytree(path: str, target: Any = None, *, source: Any = None) -> Any:
             f"Checkpoint {path!r} has no arrays {missing[:5]} that the restore target "
             f"expects; it holds {sorted(metadata.arrays)[:10]}"
         )
+    casts = {}
+    if cast_dtypes:
+        for name, leaf in named.items():
+            leaf, casts[name] = _saved_dtype_target(name, leaf, metadata.arrays[saved[name]])
+            named[name] = leaf
     for name, leaf in named.items():
         _check_divides(name, leaf, metadata.arrays[saved[name]])
     # One read per saved array; a second target leaf on the same array (a shared object
@@ -214,9 +224,34 @@ def restore_pytree(path: str, target: Any = None, *, source: Any = None) -> Any:
             leaves.append(read({saved[name]: leaf})[saved[name]])
     log_restore(path, sum(metadata.arrays[s].nbytes for s in first),
                 time.perf_counter() - started)
+    leaves = [leaf if casts.get(name) is None else leaf.astype(casts[name])
+              for name, leaf in zip(named, leaves, strict=True)]
     leaves = [replaced(holders[name], leaf) if name in holders else leaf
               for name, leaf in zip(named, leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _saved_dtype_target(name: str, target: Any, meta: ArrayMetadata) -> tuple[Any, Any]:
+    """(a target that reads ``meta``'s dtype, the dtype to cast to or None).
+
+    The saved dtype is read (fewer bytes when the checkpoint is the narrower one) and
+    cast where the target puts it: on its devices for a jax target, on the host for a
+    numpy one. Only numeric to numeric; typed PRNG keys and packed scalars never cast.
+    """
+    dtype = getattr(target, "dtype", None)
+    if (dtype is None or isinstance(target, jax.sharding.Sharding) or meta.key_impl is not None
+            or meta.python_type is not None or np.dtype(dtype) == meta.dtype):
+        return target, None
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return target, None  # plan_read names the key mismatch
+    if not (is_numeric(dtype) and is_numeric(meta.dtype)):
+        raise CheckpointMismatchError(
+            f"Array {name!r}: cast_dtypes casts numbers only; the target has dtype "
+            f"{np.dtype(dtype).name}, the checkpoint holds {meta.dtype.name}")
+    if isinstance(target, jax.Array | jax.ShapeDtypeStruct):
+        sharding = target.sharding
+        return jax.ShapeDtypeStruct(target.shape, meta.dtype, sharding=sharding), dtype
+    return np.broadcast_to(np.zeros((), meta.dtype), np.shape(target)), dtype  # no memory
 
 
 def _saved_name(name: str, is_holder: bool, aliases: dict, metadata) -> str:

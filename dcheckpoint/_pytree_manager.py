@@ -19,6 +19,7 @@ from typing import Any
 from ._async import Saver
 from ._engine import read_metadata, save_failed_here
 from ._manager import CheckpointManager
+from ._manager_extras import whole_number
 from ._options import CheckpointOptions
 from ._pytree import pytree_arrays, restore_pytree
 from ._user_metadata import check_user_metadata
@@ -106,6 +107,8 @@ class PytreeManager(CheckpointManager):
       ...         manager.save(step, state, metadata={"loss": loss})
     """
 
+    _NUMBER_ARGUMENT = "step"  # what a refused number is called in the error
+
     def __init__(self, directory, max_to_keep=None, *, keep_checkpoint_every_n_hours=None,
                  checkpoint_name="ckpt", save_interval_steps=None, best_fn=None,
                  best_mode="max", save_on_preemption=False,
@@ -140,7 +143,6 @@ class PytreeManager(CheckpointManager):
         Returns:
           The checkpoint's path, or None when ``save_interval_steps`` skipped it.
         """
-        step = _step(step)
         self._checkpoint.tree = tree
         try:
             return super().save(checkpoint_number=step, check_interval=not force,
@@ -150,13 +152,14 @@ class PytreeManager(CheckpointManager):
 
     def _next_number(self, checkpoint_number, check_interval) -> int | None:
         every = self._save_interval_steps
-        if check_interval and every and checkpoint_number % every:
+        if check_interval and every and checkpoint_number is not None and (
+                checkpoint_number % every):
             return None
         return super()._next_number(checkpoint_number, check_interval)
 
     _names_steps = True
 
-    def restore(self, step=None, target=None) -> Any:
+    def restore(self, step=None, target=None, *, cast_dtypes: bool = False) -> Any:
         """Restores checkpoint ``step`` (default: the latest) into ``target``.
 
         With a local tier, the newest step complete there (own and peer copies of
@@ -170,6 +173,7 @@ class PytreeManager(CheckpointManager):
           step: which step; None for :meth:`latest_step`.
           target: as ``restore_pytree``: a pytree of ``jax.ShapeDtypeStruct``s
             (``jax.eval_shape``), arrays or shardings; None gives the tree as saved.
+          cast_dtypes: cast saved values to the target's dtypes (see ``restore_pytree``).
 
         Raises:
           CheckpointNotFoundError: no checkpoint yet, or none for ``step`` (the message
@@ -177,12 +181,13 @@ class PytreeManager(CheckpointManager):
         """
         if self._local is not None:
             restored = []
-            opened = self._restore_local(None if step is None else _step(step), lambda o: (
-                restored.append(restore_pytree(o.where, target, source=o))))
+            wanted = None if step is None else whole_number(step, "step")
+            opened = self._restore_local(wanted, lambda o: restored.append(restore_pytree(
+                o.where, target, cast_dtypes=cast_dtypes, source=o)))
             if opened is not None:
                 return restored[-1]
         path = self._committed_path(self._step_or_latest(step))
-        restored = restore_pytree(path, target)
+        restored = restore_pytree(path, target, cast_dtypes=cast_dtypes)
         self.restored_from = path
         return restored
 
@@ -196,7 +201,7 @@ class PytreeManager(CheckpointManager):
 
     def _step_or_latest(self, step) -> int:
         if step is not None:
-            return _step(step)
+            return whole_number(step, "step")
         self.sync()  # an async save in flight is the latest once committed
         latest = self.latest_step()
         if latest is None:
@@ -225,16 +230,3 @@ class PytreeManager(CheckpointManager):
 
     def __exit__(self, *exc_info) -> None:
         self.close()
-
-
-def _step(step) -> int:
-    """An int step from an int, numpy integer or integral 0-d array; else TypeError."""
-    integral_array = hasattr(step, "dtype") and getattr(step, "shape", None) == () and (
-        step.dtype.kind in "iu")
-    if not integral_array and (isinstance(step, bool) or not isinstance(
-            step, numbers.Integral)):
-        raise TypeError(f"step must be an int, got {step!r} ({type(step).__name__})")
-    step = int(step)
-    if step < 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    return step

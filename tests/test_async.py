@@ -132,3 +132,41 @@ def test_numpy_values_mutated_in_place_after_save_returns_do_not_change_the_save
     ckpt.sync()
     restored = dcheckpoint.restore_pytree(path, {"table": None})["table"]
     np.testing.assert_array_equal(restored, np.arange(16, dtype=np.int32))
+
+
+def _hold_the_save_queue():
+    """Blocks the collectives thread until the returned event is set: a save issued
+    now is certainly still in flight when the test reads it."""
+    import threading
+
+    from dcheckpoint._comm import submit
+    release = threading.Event()
+    submit(release.wait)
+    threading.Timer(0.5, release.set).start()
+    return release
+
+
+def test_a_read_of_a_checkpoint_this_process_is_still_saving_waits_for_it(tmp_path):
+    array = _sharded(np.arange(64, dtype=np.float32).reshape(8, 8))
+    ckpt = dcheckpoint.Checkpoint(v=dcheckpoint.Variable(array))
+    release = _hold_the_save_queue()
+    path = ckpt.write(str(tmp_path / "run" / "ckpt"), options=ASYNC)
+    assert not release.is_set()  # the save has not even started
+    restored = dcheckpoint.restore_pytree(path)  # another object's read: waits for it
+    np.testing.assert_array_equal(restored["v"], np.asarray(array))
+    manager = dcheckpoint.CheckpointManager(ckpt, tmp_path / "managed", max_to_keep=2)
+    release = _hold_the_save_queue()
+    path = manager.save(options=ASYNC)
+    assert dcheckpoint.read_metadata(path).arrays["v"].shape == (8, 8)
+    assert release.is_set()
+
+
+def test_a_read_of_a_failed_async_save_says_so(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    ckpt = dcheckpoint.Checkpoint(v=dcheckpoint.Variable(jnp.ones(4)))
+    path = ckpt.write(str(tmp_path / "file" / "ckpt"), options=ASYNC)
+    with pytest.raises(dcheckpoint.CheckpointNotFoundError,
+                       match=r"asynchronous save of it failed .*sync\(\) raises it"):
+        dcheckpoint.read_metadata(path)
+    with pytest.raises(dcheckpoint.CheckpointError, match="file/ckpt"):
+        ckpt.sync()  # still the saver's to raise

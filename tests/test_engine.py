@@ -209,7 +209,8 @@ def test_directory_without_metadata_is_not_a_checkpoint(tmp_path):
     assert _engine.is_committed(str(tmp_path / "c"))
     os.remove(tmp_path / "c" / "dcheckpoint.json")  # what a crash before the commit leaves
     assert not _engine.is_committed(str(tmp_path / "c"))
-    with pytest.raises(dcheckpoint.CheckpointNotFoundError, match="incomplete save"):
+    found = r"holds \[.data-.*neither dcheckpoint.s dcheckpoint.json nor Orbax.s _METADATA"
+    with pytest.raises(dcheckpoint.CheckpointNotFoundError, match=found):
         dcheckpoint.restore_pytree(str(tmp_path / "c"), {"w": None})
     with pytest.raises(FileNotFoundError, match="no such directory"):
         dcheckpoint.read_metadata(str(tmp_path / "nothing"))

@@ -71,6 +71,18 @@ def test_eval_shape_target_with_prng_keys_restores_keys(tmp_path):
     _same(restored, state)
 
 
+def test_eval_shape_of_python_scalars_takes_the_saved_int_and_float(tmp_path):
+    # eval_shape makes weakly typed int32/float32 of Python scalars; the saved int64 and
+    # float64 must still restore (the dtype is JAX's default, not the user's choice).
+    state = {"count": 3, "lr": 0.25, "w": jnp.ones(2)}
+    path = save_pytree(str(tmp_path / "p"), state)
+    restored = restore_pytree(path, jax.eval_shape(lambda: state))
+    assert int(restored["count"]) == 3 and float(restored["lr"]) == 0.25
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.ones(2))
+    with pytest.raises(CheckpointMismatchError, match=r"'w': restore target has dtype int32"):
+        restore_pytree(path, {**state, "w": jax.ShapeDtypeStruct((2,), jnp.int32)})
+
+
 def test_eval_shape_target_on_an_abstract_mesh_takes_the_set_mesh(tmp_path):
     mesh = jax.make_mesh((4, 2), ("x", "y"))  # explicit axes: eval_shape keeps shardings
     tree = {"w": jax.device_put(jnp.arange(16.0).reshape(8, 2), NamedSharding(mesh, P("x"))),

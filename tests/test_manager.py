@@ -17,6 +17,7 @@ from dcheckpoint._lock import LOCK_FILENAME
 from dcheckpoint._manager import CheckpointManager, checkpoints_iterator
 from dcheckpoint._options import CheckpointOptions
 from dcheckpoint._state_file import STATE_FILENAME, get_checkpoint_state, latest_checkpoint
+from dcheckpoint._status import CheckpointAssertionError
 from dcheckpoint._variable import Variable
 from dcheckpoint.errors import CorruptCheckpointError
 from tests.mp_util import REPO_ROOT, results, run_launch
@@ -327,3 +328,24 @@ def test_a_finalizer_running_inside_lock_directory_does_not_deadlock(tmp_path, m
     assert not os.path.exists(os.path.join(other, LOCK_FILENAME))
     assert os.path.exists(os.path.join(mine, LOCK_FILENAME))
     _manager._unlock_directory(mine)
+
+
+def test_strict_restore_or_initialize_refuses_a_renamed_layer(tmp_path):
+    saved = {"dense": Variable(np.arange(4.0)), "head": Variable(np.ones(2))}
+    CheckpointManager(Checkpoint(model=saved), tmp_path, max_to_keep=2).save()
+    renamed = {"dense": Variable(np.zeros(4)), "output": Variable(np.zeros(2))}
+    manager = CheckpointManager(Checkpoint(model=renamed), tmp_path, max_to_keep=2)
+    with pytest.raises(CheckpointAssertionError,
+                       match=r"Unused checkpoint values .*'model/head'.*Objects with no value "
+                             r"in the checkpoint: \['model/output'\]"):
+        manager.restore_or_initialize(strict=True)
+    # TF's lenient default: the renamed layer keeps its fresh init, a warning says so.
+    with pytest.warns(UserWarning, match=r"never restored: \['model/head'\]"):
+        assert manager.restore_or_initialize() == str(tmp_path / "ckpt-1")
+        gc.collect()
+    np.testing.assert_array_equal(np.asarray(renamed["dense"].value), np.arange(4.0))
+    np.testing.assert_array_equal(np.asarray(renamed["output"].value), np.zeros(2))
+    exact = {"dense": Variable(np.zeros(4)), "head": Variable(np.zeros(2))}
+    strict = CheckpointManager(Checkpoint(model=exact), tmp_path, max_to_keep=2)
+    assert strict.restore_or_initialize(strict=True) == str(tmp_path / "ckpt-1")
+    np.testing.assert_array_equal(np.asarray(exact["head"].value), np.ones(2))

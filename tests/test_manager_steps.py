@@ -3,6 +3,7 @@
 import json
 import os
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -138,7 +139,6 @@ def test_delete_and_restore_under_mpiexec(tmp_path):
 def test_restore_a_step_of_real_flax_and_optax_state(tmp_path):
     import flax.linen as nn
     import jax
-    import jax.numpy as jnp
     import optax
 
     model = nn.Dense(3)
@@ -164,3 +164,34 @@ def test_restore_a_step_of_real_flax_and_optax_state(tmp_path):
                          strict=True):
         np.testing.assert_array_equal(got, want)
     assert int(np.asarray(checkpoint.state["opt"][0].count)) == 2
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (7.5, TypeError, r"checkpoint_number must be an int, got 7\.5 \(float\)"),
+    (True, TypeError, r"checkpoint_number must be an int, got True \(bool\)"),
+    ("7", TypeError, r"checkpoint_number must be an int, got '7' \(str\)"),
+    (np.float32(3), TypeError, r"checkpoint_number must be an int"),
+    (np.arange(2), TypeError, r"checkpoint_number must be an int"),
+    (-1, ValueError, r"checkpoint_number must be >= 0, got -1"),
+])
+def test_a_checkpoint_number_that_is_not_a_whole_number_is_refused(tmp_path, bad, error,
+                                                                  message):
+    manager, weights = make(tmp_path, max_to_keep=3)
+    manager.save(checkpoint_number=3)
+    with pytest.raises(error, match=message):
+        manager.save(checkpoint_number=bad)
+    # Nothing written, nothing renumbered: the next save numbers as if it never happened.
+    assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".")) == [
+        "checkpoint", "ckpt-3"]
+    assert manager.all_steps() == [3] and manager.latest_checkpoint == str(tmp_path / "ckpt-3")
+    assert int(manager.checkpoint.save_counter.value) == 1
+    assert manager.save() == str(tmp_path / "ckpt-2")  # save_counter + 1
+
+
+def test_a_checkpoint_number_may_be_an_integral_array_or_variable(tmp_path):
+    manager, weights = make(tmp_path, max_to_keep=None)
+    manager.save(checkpoint_number=np.int64(4))
+    manager.save(checkpoint_number=np.asarray(5, np.int32))
+    manager.save(checkpoint_number=Variable(np.asarray(6, np.int64)))
+    manager.save(checkpoint_number=jnp.int32(7))
+    assert manager.all_steps() == [4, 5, 6, 7] and manager.latest_step() == 7
