@@ -86,24 +86,26 @@ class _Restorer:
     """
 
     def __init__(self, directory, metadata, state: MatchState, host_target,
-                 cast_dtypes: bool = False):
+                 cast_dtypes: bool = False, reader=None):
         self.directory, self.metadata, self.state = directory, metadata, state
         self.nodes, self.aliases = check_graph(metadata.object_graph, source=str(directory))
         self.host_target, self.cast_dtypes = host_target, cast_dtypes
+        # {path: target} -> {path: value}: the engine's, or another source's (the local
+        # tier's, whose reads are collective).
+        self._read = reader or functools.partial(
+            _engine.restore_arrays, directory, metadata=metadata)
 
     def batched(self, walk):
         """Runs ``walk(planner)``, reads every leaf it wants in one engine call, then
         runs ``walk(walker)`` with those arrays; returns the walker's result."""
         wanted: dict = {}
         walk(_ReadPlanner(self, wanted))
-        prefetched = _engine.restore_arrays(self.directory, wanted, metadata=self.metadata)
+        prefetched = self._read(wanted)
         return walk(_Walker(self, prefetched))
 
     def read(self, ckpt_path: str, target):
         """One leaf, read on its own."""
-        return _engine.restore_arrays(
-            self.directory, {ckpt_path: target}, metadata=self.metadata
-        )[ckpt_path]
+        return self._read({ckpt_path: target})[ckpt_path]
 
     def graph_values(self) -> frozenset[str]:
         """Paths of the values stored in the graph itself (strings, None, process states)."""
@@ -597,10 +599,30 @@ class Checkpoint(AutoTrackable):
           restored when it is attached.
         """
         del options  # no CheckpointOptions field changes a restore (see README)
-        started = time.perf_counter()
         save_path, metadata = _open(save_path)
+        return self._dc_read(save_path, metadata, cast_dtypes=cast_dtypes)
+
+    def _dc_read_from(self, source, *, cast_dtypes: bool = False) -> CheckpointLoadStatus:
+        """Restores from another source of arrays than a checkpoint directory: an
+        object with ``where``, ``metadata`` and ``read(targets)`` (the local tier's
+        `LocalRestore`, whose reads are collective: every process restores alike)."""
+        self.save_counter  # noqa: B018  (as restore: created now, so it is matched)
+        return self._dc_read(source.where, source.metadata, source.read,
+                             cast_dtypes=cast_dtypes)
+
+    def _dc_flatten(self) -> tuple[dict, dict]:
+        """``({array path: value}, object graph)`` of what a save writes now."""
+        arrays, graph = flatten(self._dc_top())
+        if SAVE_COUNTER in arrays:
+            arrays[SAVE_COUNTER] = np.asarray(arrays[SAVE_COUNTER])
+        return arrays, graph
+
+    def _dc_read(self, save_path, metadata, reader=None, *,
+                 cast_dtypes: bool = False) -> CheckpointLoadStatus:
+        started = time.perf_counter()
         state = MatchState(checkpoint_paths=frozenset(), save_path=str(save_path))
-        source = _Restorer(save_path, metadata, state, self._dc_host_target(), cast_dtypes)
+        source = _Restorer(save_path, metadata, state, self._dc_host_target(), cast_dtypes,
+                           reader)
         state.checkpoint_paths = frozenset(metadata.arrays) | source.graph_values()
         top, root = self._dc_top(), source.node("")
         restored = source.batched(lambda walker: walker.restore_children(top, root, "", ""))

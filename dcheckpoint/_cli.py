@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from ._engine import read_metadata
+from ._local_format import describe_local_directory
 from ._lock import DirectoryLock
 from ._metadata import METADATA_FILE, CheckpointMetadata
 from ._orbax import METADATA_FILE as ORBAX_METADATA_FILE
@@ -87,7 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"dcheckpoint {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     ls = commands.add_parser("ls", parents=[common], help="list the checkpoints of DIR")
-    ls.add_argument("directory", metavar="DIR")
+    ls.add_argument("directory", metavar="DIR", nargs="?")
+    ls.add_argument("--local", metavar="LOCAL_DIR", action="append", default=[],
+                    help="also list a local-tier directory (repeat for each host's)")
     ls.set_defaults(run=_ls)
     inspect = commands.add_parser("inspect", parents=[common],
                                   help="show the arrays of one checkpoint")
@@ -115,6 +118,15 @@ def _version() -> str:
 
 
 def _ls(args) -> int:
+    if args.directory is None and not args.local:
+        raise UsageError("name a checkpoint directory DIR, a --local LOCAL_DIR, or both")
+    local = [_local_listing(d) for d in args.local]
+    if args.directory is None:
+        if args.json:
+            print(json.dumps({"local": local}, indent=1))
+        else:
+            _print_local(local)
+        return EXIT_OK
     directory = _path_arg(args.directory)
     storage = open_storage(directory)
     if is_committed(directory):
@@ -151,11 +163,12 @@ def _ls(args) -> int:
     artifacts = _artifacts(storage, names)
     if args.json:
         print(json.dumps({"directory": directory, "latest": latest, "checkpoints": rows,
-                          "artifacts": artifacts}, indent=1))
+                          "artifacts": artifacts, "local": local}, indent=1))
         return EXIT_OK
     if not rows:
         print(f"{directory}: no committed checkpoints")
         _print_artifacts(artifacts)
+        _print_local(local)
         return EXIT_OK
     table = [("", "NUMBER", "SAVED (UTC)", "SIZE", "ARRAYS", "NAME", "METADATA")]
     for r in rows:
@@ -168,7 +181,31 @@ def _ls(args) -> int:
     if any(r["kept"] for r in rows):
         print("k kept outside the managed list (keep_checkpoint_every_n_hours)")
     _print_artifacts(artifacts)
+    _print_local(local)
     return EXIT_OK
+
+
+def _local_listing(directory: str) -> dict:
+    if not os.path.isdir(directory):
+        raise UsageError(f"{directory}: no such local-tier directory")
+    return {"directory": directory, "steps": describe_local_directory(directory)}
+
+
+def _print_local(listings: list[dict]) -> None:
+    """One table per local-tier directory: what this host holds of each step."""
+    for listing in listings:
+        print(f"local tier {listing['directory']}:")
+        if not listing["steps"]:
+            print("  no local steps")
+            continue
+        table = [("STEP", "STATE", "SAVED (UTC)", "OWN", "PEER COPY")]
+        for r in listing["steps"]:
+            copies = [f"{r[k]['pieces']} pieces, {_bytes(r[k]['bytes'])}" if r[k] else "-"
+                      for k in ("own", "peer")]
+            table.append((str(r["step"]), "committed" if r["committed"] else
+                          "partial (never restored)",
+                          _time(r["time"]) if r.get("time") else "-", *copies))
+        _print_table([("  " + row[0], *row[1:]) for row in table])
 
 
 def _artifacts(storage, names: list[str]) -> list[dict]:

@@ -43,6 +43,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
+import numpy as np
+
 from dcheckpoint import errors
 from dcheckpoint.errors import CheckpointError, CoordinationError, CoordinationTimeoutError
 
@@ -215,6 +217,47 @@ class Communicator(abc.ABC):
         self.gather(b"", tag=tag, timeout_secs=timeout_secs)
         self.broadcast(b"" if self.is_coordinator else None, tag=tag, timeout_secs=timeout_secs)
 
+    #: Whether :meth:`exchange` can move data between processes (a one-process job
+    #: has no one to exchange with, so it can, trivially).
+    supports_exchange = False
+
+    def exchange(self, sends: dict[int, list], receives: dict[int, Any], *, tag: str,
+                 timeout_secs: float) -> dict[int, list]:
+        """Point-to-point transfers of byte buffers (all processes, even with nothing).
+
+        Every process calls it at the same point, so it keeps the collectives matched:
+        each sends ``sends[p]`` (buffers: bytes or contiguous numpy arrays) to process
+        ``p`` and receives messages from process ``q``, in the order ``q`` sent them:
+        ``receives[q]`` is a list (bulk data, received at full speed) of each one's
+        byte size or of uint8 arrays to receive it into (reused buffers: fresh pages
+        cost more than the transfer on some hosts), or just how many there are (an
+        int: small messages, sized on arrival).
+        Bulk data goes straight between the two processes (the local tier's peer
+        copies and restores), never through the coordinator.
+
+        Returns:
+            {q: [uint8 numpy arrays, in q's order]}.
+
+        Raises:
+            CoordinationTimeoutError: a transfer did not finish within ``timeout_secs``.
+            CheckpointError: this communicator carries no point-to-point transfers.
+        """
+        if self.process_index in sends or self.process_index in receives:
+            raise ValueError(f"{tag}: a process does not exchange with itself")
+        return self._run(
+            lambda seq, deadline: self._exchange(sends, receives, tag, deadline, seq),
+            tag, timeout_secs)
+
+    def _exchange(self, sends, receives, tag, deadline, sequence) -> dict[int, list]:
+        """See :meth:`exchange`; called with the lock held."""
+        if not any(sends.values()) and not any(receives.values()):
+            return {q: [] for q in receives}
+        raise CheckpointError(
+            f"{tag}: {type(self).__name__} has no point-to-point transfers; the local "
+            "tier needs the MPI communicator (start the job under mpiexec and call "
+            "launch.initialize())"
+        )
+
     def _run(self, collective, tag: str, timeout_secs: float):
         """Runs one collective: refuses if broken, numbers it, breaks on failure."""
         deadline = _Deadline(timeout_secs)
@@ -285,6 +328,8 @@ class Communicator(abc.ABC):
 class LocalCommunicator(Communicator):
     """The single-process job: every collective returns at once."""
 
+    supports_exchange = True
+
     def __init__(self):
         super().__init__(process_index=0, process_count=1)
 
@@ -293,6 +338,13 @@ class LocalCommunicator(Communicator):
 
     def _broadcast(self, payload, tag, deadline, sequence):
         return payload
+
+
+def _as_bytes(buffer):
+    """A flat uint8 view of ``buffer`` (bytes, or a contiguous numpy array of any dtype)."""
+    if isinstance(buffer, (bytes, bytearray, memoryview)):
+        return np.frombuffer(buffer, np.uint8)
+    return np.ascontiguousarray(buffer).reshape(-1).view(np.uint8)
 
 
 def _poll(step, deadline: _Deadline, on_timeout) -> None:
@@ -336,6 +388,7 @@ class MPICommunicator(Communicator):
     """
 
     _ABORT_TAG = 0
+    supports_exchange = True
 
     def __init__(self, comm=None, *, duplicate: bool = True):
         from mpi4py import MPI
@@ -380,6 +433,70 @@ class MPICommunicator(Communicator):
                 if entry is not None and not entry[0].Test():
                     entry[0].Cancel()
         return [received[rank] for rank in range(self.process_count)]
+
+    def _exchange(self, sends, receives, tag, deadline, sequence):
+        byte = self._mpi.BYTE
+        mpi_tag = self._tag(sequence)
+        requests = [self._comm.Isend([_as_bytes(buffer), byte], dest=p, tag=mpi_tag)
+                    for p, buffers in sends.items() for buffer in buffers]
+        posted: dict[int, list] = {q: [] for q in receives}
+        for q, sizes in receives.items():
+            if not isinstance(sizes, int):  # known sizes: every receive posted now
+                for size in sizes:
+                    buffer = size if isinstance(size, np.ndarray) else np.empty(size, np.uint8)
+                    posted[q].append(buffer)
+                    requests.append(self._comm.Irecv([buffer, byte], source=q, tag=mpi_tag))
+        probed = {q: n for q, n in receives.items() if isinstance(n, int)}
+
+        def probe():
+            # Matched probes (Improbe) take q's messages one at a time, in q's send
+            # order (MPI never lets two messages of one sender and tag overtake).
+            if (error := self._peer_abort_error(tag)) is not None:
+                raise error
+            for q, count in probed.items():
+                while len(posted[q]) < count:
+                    status = self._mpi.Status()
+                    message = self._comm.Improbe(source=q, tag=mpi_tag, status=status)
+                    if message is None:
+                        break
+                    buffer = np.empty(status.Get_count(byte), np.uint8)
+                    posted[q].append(buffer)
+                    requests.append(message.Irecv([buffer, byte]))
+            return [q for q, count in probed.items() if len(posted[q]) < count]
+
+        _poll(probe, deadline, lambda missing: _timeout_error(deadline, tag, missing))
+        self._wait_all(requests, tag, deadline, sorted({*sends, *receives}))
+        return posted
+
+    def _wait_all(self, requests: list, tag: str, deadline: _Deadline, peers: list) -> None:
+        """Waits for ``requests`` in MPI's own blocking wait, still bounded.
+
+        A blocking ``Waitall`` drives MPI's progress engine in C, at the transport's
+        speed (2.5-3 GB/s between processes here); polling ``Test`` from Python moves
+        a large message a slice per call (30-200 MB/s). It runs on a helper thread
+        (MPI is initialised ``MULTIPLE``) while this one watches the deadline and the
+        peers' aborts; on a timeout the communicator breaks, so the helper's stuck
+        wait is never matched with anything else.
+        """
+        done = threading.Event()
+        failure: list[BaseException] = []
+
+        def wait():
+            try:
+                self._mpi.Request.Waitall(requests)
+            except BaseException as error:  # noqa: BLE001 (raised by the caller's thread)
+                failure.append(error)
+            finally:
+                done.set()
+
+        threading.Thread(target=wait, name="dcheckpoint-exchange", daemon=True).start()
+        while not done.wait(min(0.05, max(deadline.remaining_secs(), 0.001))):
+            if (error := self._peer_abort_error(tag)) is not None:
+                raise error
+            if deadline.expired():
+                raise _timeout_error(deadline, tag, peers)
+        if failure:
+            raise CoordinationError(f"{tag} failed in MPI: {failure[0]}")
 
     def _wait_sent(self, sends: dict, tag: str, deadline: _Deadline) -> None:
         def step():

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from . import _engine, errors
 from ._best import check_best_fn, metric_of
 from ._comm import agree, default_communicator, error_kind, run_ordered
+from ._local_tier import LocalRestore, LocalStepUnusable, LocalTier
 from ._lock import DirectoryLock
 from ._manager_extras import ManagerExtras, whole_number
 from ._manager_extras import evaluate_counter as _evaluate
@@ -151,6 +152,17 @@ class CheckpointManager(ManagerExtras):
         manager on clusters), ``save()`` saves at the step every process agrees on,
         waits for the commit and exits the program with ``SystemExit(0)``. See
         :meth:`reached_preemption`.
+      local_directory: a node-local directory (tmpfs, local NVMe) of this process for
+        the local tier (docs/LOCAL_TIER.md): each process's own shards plus a copy of
+        one peer's, saved asynchronously by ``save()`` every ``local_every`` steps
+        (of ``step_counter``), whatever ``checkpoint_interval`` says.
+        ``restore_or_initialize`` restores from it when it holds a complete step at
+        least as new as the latest persistent checkpoint. It belongs to the host: a
+        restarted job may give it to any rank.
+      local_every: local saves at steps that are multiples of it (default 1).
+      local_max_to_keep: committed local steps kept in each local directory.
+      local_failure_domain: what this process fails with (default: its host name;
+        e.g. a rack): each peer copy goes to another domain when there is one.
 
     Raises:
       ValueError: ``max_to_keep`` is not positive, ``checkpoint_interval`` is given
@@ -174,8 +186,20 @@ class CheckpointManager(ManagerExtras):
         best_fn: Callable[[dict], float] | None = None,
         best_mode: str = "max",
         save_on_preemption: bool = False,
+        local_directory: str | os.PathLike | None = None,
+        local_every: int | None = None,
+        local_max_to_keep: int = 2,
+        local_failure_domain: str | None = None,
     ) -> None:
         max_to_keep = _check_max_to_keep(max_to_keep)
+        if local_every is not None and (isinstance(local_every, bool) or not isinstance(
+                local_every, numbers.Integral) or local_every < 1):
+            raise ValueError(f"local_every must be a positive int or None, got {local_every!r}")
+        if local_every is not None and local_directory is None:
+            raise ValueError("local_every needs a local_directory")
+        if local_directory is not None and step_counter is None and not self._names_steps:
+            raise ValueError("a local tier (local_directory) needs a step_counter: local "
+                             "steps are numbered by training step")
         check_best_fn(best_fn, best_mode)
         if checkpoint_interval is not None and step_counter is None:
             raise ValueError(
@@ -201,7 +225,13 @@ class CheckpointManager(ManagerExtras):
         self._metrics: dict[str, float | None] = {}  # best_fn's value per path
         self._steps_by_path: dict[str, int | None] = {}  # saved "step"s read back
         self._save_calls = 0
+        self._local_every = int(local_every or 1)
+        self._last_local_step = None
+        self.restored_from: str | None = None  # where the last restore read from
         self._start()
+        self._local = None if local_directory is None else LocalTier(
+            local_directory, max_to_keep=local_max_to_keep, comm=self._comm,
+            failure_domain=local_failure_domain, run=open_storage(self._directory).path)
         # After the start collective, so every process builds the watcher at one point.
         self._preemption = (
             PreemptionWatcher(self._comm, timeout_secs=CheckpointOptions().timeout_secs)
@@ -349,12 +379,28 @@ class CheckpointManager(ManagerExtras):
         with self._lock:
             return list(self._maybe_delete)
 
+    @property
+    def local_steps(self) -> list[int]:
+        """The committed local-tier steps in this process's local directory (its own
+        view; a restore agrees with the other processes on what is complete)."""
+        return [] if self._local is None else self._local.steps
+
     def sync(self) -> None:
-        """Waits for an async save in flight, raising its error if it failed."""
-        self._checkpoint.sync()
+        """Waits for the saves in flight (both tiers), raising the first error."""
+        try:
+            self._checkpoint.sync()
+        finally:
+            if self._local is not None:
+                self._local.sync()
 
     def restore_or_initialize(self, *, strict: bool = False) -> str | None:
         """Restores the latest checkpoint, or calls ``init_fn`` when there is none.
+
+        With a local tier, the newest step complete there (every process's own and
+        peer copies together) at least as new as the latest persistent checkpoint
+        comes from it, fetching from peers only what this process lacks; else the
+        latest persistent checkpoint, with a log line saying why (every process
+        alike). :attr:`restored_from` says which.
 
         Args:
           strict: raise unless the restore matched exactly (``assert_consumed``): every
@@ -364,21 +410,24 @@ class CheckpointManager(ManagerExtras):
             the matched values were assigned; it stops the job before it trains.
 
         Returns:
-          The restored checkpoint's path, or None when it initialised instead.
+          The restored checkpoint's path (for a local step: this process's local
+          directory of it), or None when it initialised instead.
 
         Raises:
           CheckpointAssertionError: with ``strict``, naming the objects that got no value
             and the saved values that found no object.
         """
+        if self._local is not None:
+            opened = self._restore_local(None, lambda source: _check_strict(
+                self._checkpoint._dc_read_from(source), strict))
+            if opened is not None:
+                if self._checkpoint_interval is not None:
+                    self._last_checkpoint_step = _evaluate(self._step_counter)
+                return opened.where
         latest = self.latest_checkpoint
         if latest is not None:
-            status = self._checkpoint.restore(latest)
-            if strict:
-                try:
-                    status.assert_consumed()
-                except CheckpointAssertionError:
-                    status.expect_partial()  # said once, by this error
-                    raise
+            self.restored_from = latest
+            _check_strict(self._checkpoint.restore(latest), strict)
             if self._checkpoint_interval is not None:
                 self._last_checkpoint_step = _evaluate(self._step_counter)
             return latest
@@ -386,6 +435,52 @@ class CheckpointManager(ManagerExtras):
             self._init_fn()
             logger.info("no checkpoint in %s: initialised with init_fn", self._directory)
         return None
+
+    _names_steps = False  # PytreeManager names checkpoints by step: no step_counter
+
+    def _restore_local(self, step, restore) -> LocalRestore | None:
+        """``restore(opened)`` of the newest complete local step (``step``: that one)
+        at least as new as the latest persistent checkpoint; the opened step, or None
+        when the local tier has none (all processes alike)."""
+        self.sync()
+        latest = self.latest_step()
+        while True:
+            started = time.perf_counter()
+            opened = self._local.open(latest if step is None else None, step=step)
+            if isinstance(opened, str):
+                logger.warning("local tier of %s: nothing to restore (%s); using the "
+                               "persistent tier (latest step %s)", self._local.directory,
+                               opened, latest)
+                return None
+            try:
+                restore(opened)
+            except LocalStepUnusable as e:  # its bad pieces are now excluded
+                logger.warning("%s; looking for another source", e)
+                continue
+            self.restored_from = f"local step {opened.step}"
+            self._last_local_step = opened.step
+            logger.info("restored step %d from the local tier in %.3f s (persistent "
+                        "latest: %s)", opened.step, time.perf_counter() - started, latest)
+            return opened
+
+    def _prepare_local(self, checkpoint_number, metadata, force: bool):
+        """The local save of this ``save()`` call, planned and snapshotted, as a call
+        that starts it; None when none is due (all processes alike)."""
+        if self._local is None:
+            return None
+        step = _evaluate(self._step_counter if self._step_counter is not None
+                         else checkpoint_number)
+        if step == self._last_local_step or not (force or step % self._local_every == 0):
+            return None
+        arrays, graph = self._checkpoint._dc_flatten()
+        start = self._local.prepare(step, arrays, object_graph=graph,
+                                    user_metadata={"step": step, **(metadata or {})})
+
+        def started() -> None:
+            start()
+            self._last_local_step = step
+
+        return started
 
     def _next_number(self, checkpoint_number, check_interval) -> int | None:
         """Steps 1 of the protocol: the number to save under, or None to skip."""
@@ -472,11 +567,17 @@ class CheckpointManager(ManagerExtras):
                 self._checkpoint.sync()  # as the others do first: an earlier error wins
                 _engine.save_failed_here(f"{self._prefix}-{number}", refused,
                                          options=options)
+            # Snapshotted after numbering (the local step holds this call's
+            # save_counter) and before the persistent save starts writing; started
+            # after it, so the persistent save keeps its place in the collectives.
+            local = self._prepare_local(checkpoint_number, metadata, force=not check_interval)
             path = None if number is None else self._write(number, options, metadata)
         except Exception:
             if number is None or not self._checkpoint._committed(f"{self._prefix}-{number}"):
                 self._take_back(before)
             raise
+        if local is not None:
+            local()
         if preempted:
             self._exit_preempted(path)
         return path
@@ -557,6 +658,17 @@ class CheckpointManager(ManagerExtras):
         """Deletes one checkpoint from disk (coordinator); subclasses delete more."""
         if delete_checkpoint(path):
             logger.info("deleted old checkpoint %s", path)
+
+
+def _check_strict(status, strict: bool):
+    """``status``, after ``assert_consumed`` when ``strict`` (its error said once)."""
+    if strict:
+        try:
+            status.assert_consumed()
+        except CheckpointAssertionError:
+            status.expect_partial()  # said once, by this error
+            raise
+    return status
 
 
 def _check_max_to_keep(max_to_keep):

@@ -143,7 +143,8 @@ def pytree_arrays(tree: Any) -> tuple[dict[str, Any], dict]:
 
 
 @_gc_paused
-def restore_pytree(path: str, target: Any = None, *, cast_dtypes: bool = False) -> Any:
+def restore_pytree(path: str, target: Any = None, *, cast_dtypes: bool = False,
+                   source: Any = None) -> Any:
     """Restores the checkpoint at ``path`` into the structure of ``target``.
 
     Args:
@@ -168,14 +169,23 @@ def restore_pytree(path: str, target: Any = None, *, cast_dtypes: bool = False) 
       that contains itself is left out there, so the result is a tree).
       ``target_from_metadata`` builds a target of the same shape. A target leaf whose
       path runs through such a shared object reads the array saved at its first path.
+      source: (private) where the arrays come from instead of ``path``: an object with
+        ``metadata`` and ``read(targets)`` (the local tier's `LocalRestore`); its
+        reads are collective, so every process restores the same tree.
     Raises:
       CheckpointMismatchError: the checkpoint lacks a leaf of ``target``, disagrees on
         a shape or dtype, or a target sharding does not divide the saved shape.
     """
     started = time.perf_counter()
-    metadata = read_metadata(path)
+    if source is None:
+        metadata = read_metadata(path)
+
+        def read(targets):
+            return restore_arrays(path, targets, metadata=metadata)
+    else:
+        metadata, read = source.metadata, source.read
     if target is None:
-        values = restore_arrays(path, dict.fromkeys(metadata.arrays), metadata=metadata)
+        values = read(dict.fromkeys(metadata.arrays))
         log_restore(path, sum(m.nbytes for m in metadata.arrays.values()),
                     time.perf_counter() - started)
         return _as_saved(metadata, values, source=str(path))
@@ -205,13 +215,13 @@ def restore_pytree(path: str, target: Any = None, *, cast_dtypes: bool = False) 
     first: dict[str, str] = {}
     for name in named:
         first.setdefault(saved[name], name)
-    read = restore_arrays(path, {s: named[n] for s, n in first.items()}, metadata=metadata)
+    values = read({s: named[n] for s, n in first.items()})
     leaves = []
     for name, leaf in named.items():
         if leaf is named[first[saved[name]]]:
-            leaves.append(read[saved[name]])
+            leaves.append(values[saved[name]])
         else:
-            leaves.append(restore_arrays(path, {saved[name]: leaf}, metadata=metadata)[saved[name]])
+            leaves.append(read({saved[name]: leaf})[saved[name]])
     log_restore(path, sum(metadata.arrays[s].nbytes for s in first),
                 time.perf_counter() - started)
     leaves = [leaf if casts.get(name) is None else leaf.astype(casts[name])

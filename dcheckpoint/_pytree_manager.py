@@ -12,6 +12,7 @@ async saves and every agree step are that manager's, not a copy. Checkpoints are
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from ._user_metadata import check_user_metadata
 from .errors import CheckpointNotFoundError
 
 __all__ = ["PytreeManager"]
+
+logger = logging.getLogger(__name__)
 
 
 class _Counter:
@@ -62,6 +65,10 @@ class _TreeWriter:
         del options
         return restore_pytree(save_path)
 
+    def _dc_flatten(self) -> tuple[dict, dict]:
+        """What a save of the current tree writes: ({array path: value}, graph)."""
+        return pytree_arrays(self.tree)
+
     def sync(self) -> None:
         self._saver.sync()
 
@@ -84,6 +91,14 @@ class PytreeManager(CheckpointManager):
         then be called every step); a preemption notice saves at the agreed step anyway.
       options: the default ``CheckpointOptions`` of every save, e.g.
         ``CheckpointOptions(enable_async=True)``.
+      local_directory: a node-local directory (tmpfs, local NVMe) for the local tier
+        (see docs/LOCAL_TIER.md): each process's own shards plus a copy of one peer's,
+        saved asynchronously every ``local_every`` steps beside the persistent
+        checkpoints. It belongs to the host: a restarted job may hand it to any rank.
+      local_every: save to the local tier at steps that are multiples of it (default 1).
+      local_max_to_keep: committed local steps kept in each local directory.
+      local_failure_domain: what this process fails with (default: its host name;
+        e.g. a rack): each peer copy goes to another domain when there is one.
 
     Example:
       >>> abstract = jax.eval_shape(create_state)            # shapes, dtypes, shardings
@@ -101,7 +116,10 @@ class PytreeManager(CheckpointManager):
                  checkpoint_name: str = "ckpt", save_interval_steps: int | None = None,
                  best_fn: Callable[[dict], float] | None = None, best_mode: str = "max",
                  save_on_preemption: bool = False,
-                 options: CheckpointOptions | None = None) -> None:
+                 options: CheckpointOptions | None = None,
+                 local_directory: str | os.PathLike | None = None,
+                 local_every: int | None = None, local_max_to_keep: int = 2,
+                 local_failure_domain: str | None = None) -> None:
         if save_interval_steps is not None and (
                 isinstance(save_interval_steps, bool) or not isinstance(
                     save_interval_steps, numbers.Integral) or save_interval_steps < 1):
@@ -112,7 +130,10 @@ class PytreeManager(CheckpointManager):
         self._options = options
         super().__init__(_TreeWriter(), directory, max_to_keep, keep_checkpoint_every_n_hours,
                          checkpoint_name, best_fn=best_fn, best_mode=best_mode,
-                         save_on_preemption=save_on_preemption)
+                         save_on_preemption=save_on_preemption,
+                         local_directory=local_directory, local_every=local_every,
+                         local_max_to_keep=local_max_to_keep,
+                         local_failure_domain=local_failure_domain)
 
     def save(self, step: int, tree: Any, *, metadata: dict | None = None,
              options: CheckpointOptions | None = None, force: bool = False) -> str | None:
@@ -143,9 +164,18 @@ class PytreeManager(CheckpointManager):
             return None
         return super()._next_number(checkpoint_number, check_interval)
 
+    _names_steps = True
+
     def restore(self, step: int | None = None, target: Any = None, *,
                 cast_dtypes: bool = False) -> Any:
         """Restores checkpoint ``step`` (default: the latest) into ``target``.
+
+        With a local tier, the newest step complete there (own and peer copies of
+        every process together) that is at least as new as the latest persistent
+        checkpoint is restored from it, fetching from peers only what this process
+        lacks; otherwise (or for a ``step`` the local tier lacks) the persistent
+        checkpoint, with a log line saying why. Every process gets the same step.
+        :attr:`restored_from` says which.
 
         Args:
           step: which step; None for :meth:`latest_step`.
@@ -157,8 +187,17 @@ class PytreeManager(CheckpointManager):
           CheckpointNotFoundError: no checkpoint yet, or none for ``step`` (the message
             lists the steps there are).
         """
-        return restore_pytree(self._committed_path(self._step_or_latest(step)), target,
-                              cast_dtypes=cast_dtypes)
+        if self._local is not None:
+            restored = []
+            wanted = None if step is None else whole_number(step, "step")
+            opened = self._restore_local(wanted, lambda o: restored.append(restore_pytree(
+                o.where, target, cast_dtypes=cast_dtypes, source=o)))
+            if opened is not None:
+                return restored[-1]
+        path = self._committed_path(self._step_or_latest(step))
+        restored = restore_pytree(path, target, cast_dtypes=cast_dtypes)
+        self.restored_from = path
+        return restored
 
     def metadata(self, step: int | None = None) -> dict:
         """The metadata dict saved with ``step`` (default: the latest), ``"step"`` in it.

@@ -8,9 +8,15 @@ mesh, compare.
 4. Start the job again in a fresh directory with ``--save-on-preemption`` and, past step
    ``--preempt-after``, send SIGTERM (a preemption notice) to rank 1 only: both ranks
    agree on one step, save there, and exit 0. Resume that on 1 x 8 devices too.
-5. Run the same job uninterrupted (2 x 4 devices, (4, 2) mesh) in a fresh directory.
-6. Compare both resumed runs' final parameters and loss with it bit for bit, and print
-   a short summary.
+5. The local tier: train again with local saves (tmpfs when there is one) every 2
+   steps beside the persistent ones every ``--save-every``; once a local step newer
+   than every persistent checkpoint is committed, SIGKILL every rank, wipe rank 1's
+   local directory (a replaced host) and resume with the ranks renumbered (rank 0
+   gets the wiped host's directory) on a (2, 4) mesh: from the local tier, at a
+   newer step than the persistent tier holds.
+6. Run the same job uninterrupted (2 x 4 devices, (4, 2) mesh) in a fresh directory.
+7. Compare every resumed run's final parameters and loss with it bit for bit, and
+   print a short summary.
 
 Usage: ``.venv/bin/python scripts/demo.py [--steps 60 --save-every 10 ...]``.
 Exit status 0 when the resumed run matches the uninterrupted one exactly, 1 otherwise.
@@ -39,6 +45,7 @@ _PIDS = re.compile(r"\[train\] pids ([\d ]+)")
 _COMMITTED = re.compile(r"\[train\] committed ckpt-(\d+)")
 _STEP = re.compile(r"\[train\] step (\d+) ")
 _PREEMPTED = re.compile(r"\[train\] preempted: saved at step (\d+)")
+_LOCAL = re.compile(r"\[train\] local step (\d+) committed")
 RESULT_MARKER = "RESULT "
 
 
@@ -55,6 +62,7 @@ class Job:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
         self.name, self.pids, self.result, self.other_lines = name, [], None, 0
         self.last_step, self.committed, self.preemption_step = 0, [], None
+        self.local_committed: list[int] = []
         self._on_line = None
         self.process = subprocess.Popen(
             command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -85,6 +93,8 @@ class Job:
                 self.committed.append(int(match[1]))
             if match := _PREEMPTED.search(line):
                 self.preemption_step = int(match[1])
+            if match := _LOCAL.search(line):
+                self.local_committed.append(int(match[1]))
             if self._echo(line):
                 print(f"  {self.name:>13} | {line}", flush=True)
             if self._on_line is not None:
@@ -175,6 +185,64 @@ def run_sigtermed(directory: Path, args) -> dict:
             "committed": job.committed, "preemption_step": job.preemption_step}
 
 
+def run_local_tier(workdir: Path, args) -> dict:
+    """Phase 5: local saves every 2 steps; SIGKILL once a local step is newer than
+    every persistent checkpoint; wipe rank 1's host directory; resume renumbered."""
+    print("\n== 5. train with a local tier (every 2 steps) beside the persistent one; "
+          "SIGKILL once a local step is newer than every persistent checkpoint")
+    directory, hosts = workdir / "local-run", _local_hosts(workdir)
+    local = ["--local-dir", str(hosts), "--local-every", "2"]
+    fired = threading.Event()
+    seen: dict = {}
+
+    def watch(job: Job, line: str) -> None:
+        newest = max(job.local_committed, default=0)
+        if (_LOCAL.search(line) and newest >= args.preempt_after and not fired.is_set()
+                and newest > max(job.committed, default=0)):
+            fired.set()
+            seen.update(local=newest, persistent=list(job.committed))
+            for pid in job.pids:
+                _sigkill(pid)
+
+    job = Job("local tier", 2, 4, [*_train_args(directory, args, "4x2", args.step_sleep),
+                                   *local, "--host-order", "0,1"])
+    code = job.start(watch).wait()
+    if not fired.is_set():
+        raise SystemExit(f"demo: the local-tier job ended (exit {code}) before a local "
+                         "step passed the persistent ones; raise --step-sleep")
+    shutil.rmtree(hosts / "host1")  # a replaced host: its local disk is empty
+    print(f"  SIGKILLed both ranks at step {job.last_step}: local steps committed "
+          f"{job.local_committed}, persistent {job.committed}; wiped {hosts / 'host1'}")
+    print("\n== 5b. resume with ranks renumbered (rank 0 gets the wiped host1, rank 1 "
+          "host0) on 2 processes x 4 devices, mesh (2, 4)")
+    out = workdir / "local-resumed.npz"
+    resumed = Job("local resumed", 2, 4, [
+        *_train_args(directory, args, "2x4", 0.0), *local, "--host-order", "1,0",
+        "--final-out", str(out)]).start()
+    code = resumed.wait()
+    shutil.rmtree(hosts, ignore_errors=True)
+    if code != 0 or resumed.result is None:
+        raise SystemExit("demo: the local-tier resume failed")
+    import numpy as np
+
+    with np.load(out) as arrays:
+        params = {key: arrays[key] for key in arrays.files}
+    return {"killed_at": job.last_step, "local_committed": job.local_committed,
+            "persistent_committed": job.committed, "at_kill": seen,
+            "resumed": resumed.result}, params
+
+
+def _local_hosts(workdir: Path) -> Path:
+    """Where the local phase's host directories go: tmpfs if this machine has one."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        hosts = Path(tempfile.mkdtemp(prefix="dcheckpoint-demo-local-", dir=shm))
+    else:
+        hosts = workdir / "local-hosts"
+    hosts.mkdir(parents=True, exist_ok=True)
+    return hosts
+
+
 def _signal(pid: int, signum: int) -> int:
     try:
         os.kill(pid, signum)
@@ -239,12 +307,14 @@ def run_scenario(args, workdir: Path) -> dict:
     resumed_term, resumed_term_params = run_to_end(
         "resumed (TERM)", workdir / "sigterm", args, 1, 8, "2x4"
     )
-    print("\n== 5. the same job, uninterrupted, on 2 processes x 4 devices, mesh (4, 2)")
+    local_tier, local_params = run_local_tier(workdir, args)
+    print("\n== 6. the same job, uninterrupted, on 2 processes x 4 devices, mesh (4, 2)")
     baseline, baseline_params = run_to_end(
         "uninterrupted", workdir / "baseline", args, 2, 4, "4x2"
     )
     comparison = compare(resumed_params, baseline_params)
     comparison_term = compare(resumed_term_params, baseline_params)
+    comparison_local = compare(local_params, baseline_params)
     return {
         "preempted": preempted,
         "resumed": resumed,
@@ -256,7 +326,12 @@ def run_scenario(args, workdir: Path) -> dict:
         "sigterm_params_identical": all(comparison_term["identical"].values()),
         "sigterm_loss_identical": resumed_term["loss_hex"] == baseline["loss_hex"],
         "sigterm_max_abs_diff": comparison_term["max_abs_diff"],
+        "local_tier": local_tier,
+        "local_params_identical": all(comparison_local["identical"].values()),
+        "local_loss_identical": local_tier["resumed"]["loss_hex"] == baseline["loss_hex"],
+        "local_max_abs_diff": comparison_local["max_abs_diff"],
         **comparison,
+        "save_every": args.save_every,
         "seconds": round(time.monotonic() - started, 1),
     }
 
@@ -264,12 +339,14 @@ def run_scenario(args, workdir: Path) -> dict:
 def matched(facts: dict) -> bool:
     """Both resumed runs equal the uninterrupted one, bit for bit."""
     return all(facts[k] for k in ("params_identical", "loss_identical",
-                                  "sigterm_params_identical", "sigterm_loss_identical"))
+                                  "sigterm_params_identical", "sigterm_loss_identical",
+                                  "local_params_identical", "local_loss_identical"))
 
 
 def summarize(facts: dict) -> str:
     p, r, u = facts["preempted"], facts["resumed"], facts["uninterrupted"]
     t, rt = facts["sigtermed"], facts["resumed_sigterm"]
+    lt, lr = facts["local_tier"], facts["local_tier"]["resumed"]
     match = matched(facts)
     lines = [
         "",
@@ -290,6 +367,14 @@ def summarize(facts: dict) -> str:
         f"  resumed   : 1 proc x 8 dev from step {rt['start_step']} to {rt['step']}: params "
         f"{'bit-identical' if facts['sigterm_params_identical'] else 'DIFFERENT'}, loss "
         f"{'bit-identical' if facts['sigterm_loss_identical'] else 'DIFFERENT'}",
+        f"  local tier: local every 2 steps, persistent every {facts['save_every']}; "
+        f"SIGKILL at step {lt['killed_at']} (local steps {lt['local_committed']}, "
+        f"persistent {lt['persistent_committed']}); host1 wiped",
+        f"  resumed   : ranks renumbered, mesh (2,4), from the {lr['restored_tier']} "
+        f"(persistent had {max(lt['persistent_committed'], default=None)}) to step "
+        f"{lr['step']}: params "
+        f"{'bit-identical' if facts['local_params_identical'] else 'DIFFERENT'}, loss "
+        f"{'bit-identical' if facts['local_loss_identical'] else 'DIFFERENT'}",
         "  why exact : same (seed, step) batches on every mesh, and every cross-device sum is"
         " added in one fixed order (scripts/train.py)",
         f"  result    : {'MATCH' if match else 'MISMATCH'} in {facts['seconds']} s",

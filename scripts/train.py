@@ -260,6 +260,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="on SIGTERM (a preemption notice), save at the step every process agrees on "
         "and exit 0",
     )  # fmt: skip
+    parser.add_argument("--local-dir", help="local tier: HOST directories live here, "
+                        "one per host (host<N>), e.g. on /dev/shm")
+    parser.add_argument("--local-every", type=int, default=2, help="steps between local saves")
+    parser.add_argument("--host-order", help="which host directory each rank gets, e.g. "
+                        "'1,0' (default: rank N gets host<N>); a restart may renumber")
     return parser.parse_args(argv)
 
 
@@ -288,14 +293,15 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt, args.dir, max_to_keep=args.max_to_keep, step_counter=step,
         checkpoint_interval=args.save_every,
         init_fn=lambda: model.assign(initial_params(cfg)),
-        save_on_preemption=args.save_on_preemption,
+        save_on_preemption=args.save_on_preemption, **_local_tier(args),
     )  # fmt: skip
     restored = manager.restore_or_initialize()
     data = ckpt.data  # a restore rebuilds numpy leaves as arrays and re-assigns the dict
     if int(data["seed"]) != cfg.seed:
         raise ValueError(f"checkpoint was trained with seed {int(data['seed'])}, not {cfg.seed}")
     start = int(step.value)
-    log(f"restored {restored} at step {start}" if restored else "no checkpoint: initialised")
+    log(f"restored {restored} ({manager.restored_from}) at step {start}" if restored
+        else "no checkpoint: initialised")
     train_step = make_train_step(mesh, cfg)
     options = dcheckpoint.CheckpointOptions(enable_async=True)
     committed, loss = manager.latest_checkpoint, None
@@ -318,10 +324,34 @@ def main(argv: list[str] | None = None) -> dict:
             _log_commit(manager, committed)
             log(f"preempted: saved at step {manager.latest_step()}, exiting cleanly")
             raise
+        _log_local(manager)
         time.sleep(args.step_sleep)
     manager.sync()
     _log_commit(manager, committed)
-    return _finish(args, model, step, loss, restored, start)
+    _log_local(manager)
+    return _finish(args, model, step, loss, restored, start,
+                   manager.restored_from)
+
+
+def _local_tier(args) -> dict:
+    """The manager's local-tier arguments: this rank's host directory, if any."""
+    if args.local_dir is None:
+        return {}
+    order = [int(h) for h in args.host_order.split(",")] if args.host_order else None
+    host = order[INFO.process_index] if order else INFO.process_index
+    return {"local_directory": os.path.join(args.local_dir, f"host{host}"),
+            "local_every": args.local_every}
+
+
+_LOGGED_LOCAL: set[int] = set()
+
+
+def _log_local(manager) -> None:
+    """Logs the local steps committed since the last call (process 0's directory)."""
+    for local_step in manager.local_steps:
+        if local_step not in _LOGGED_LOCAL:
+            _LOGGED_LOCAL.add(local_step)
+            log(f"local step {local_step} committed")
 
 
 def _values(variables: dict) -> dict:
@@ -351,7 +381,7 @@ def _log_commit(manager, committed):
     return latest
 
 
-def _finish(args, model, step, loss, restored, start) -> dict:
+def _finish(args, model, step, loss, restored, start, tier=None) -> dict:
     """Gathers the final parameters; process 0 writes them and prints ``RESULT``."""
     params = {n: np.asarray(multihost_utils.process_allgather(v, tiled=True))
               for n, v in model.arrays().items()}  # fmt: skip
@@ -359,6 +389,7 @@ def _finish(args, model, step, loss, restored, start) -> dict:
         "step": int(step.value),
         "start_step": start,
         "restored_from": restored,
+        "restored_tier": tier,
         "loss": None if loss is None else float(loss),
         "loss_hex": None if loss is None else float(loss).hex(),
     }

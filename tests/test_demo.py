@@ -1,5 +1,6 @@
 """The README's demo, shortened: SIGKILL a 2 x 4-device job, resume on 1 x 8, compare;
-then SIGTERM one rank of the same job with save_on_preemption, resume, compare."""
+then SIGTERM one rank of the same job with save_on_preemption, resume, compare; then a
+local tier: SIGKILL, wipe one host's local directory, resume renumbered from it."""
 
 import json
 import subprocess
@@ -52,4 +53,17 @@ def test_preempted_job_resumes_on_another_mesh_bit_identical(tmp_path):
     assert facts["sigterm_params_identical"] and facts["sigterm_loss_identical"]
     assert facts["sigterm_max_abs_diff"] == 0.0
     assert resumed_term["loss_hex"] == facts["uninterrupted"]["loss_hex"]
+    # The local tier: killed once a local step was newer than every persistent
+    # checkpoint; host1's directory wiped; the renumbered resume (rank 0 on the wiped
+    # host) came back from the local tier at that newer step, through host0's peer copy.
+    local, local_resumed = facts["local_tier"], facts["local_tier"]["resumed"]
+    newest_local = local["at_kill"]["local"]
+    assert newest_local > max(local["at_kill"]["persistent"])
+    assert local_resumed["restored_tier"].startswith("local step ")
+    start = local_resumed["start_step"]
+    assert local_resumed["restored_tier"] == f"local step {start}"
+    assert start >= newest_local and start % 2 == 0
+    assert local_resumed["step"] == 16
+    assert facts["local_params_identical"] and facts["local_loss_identical"]
+    assert facts["local_max_abs_diff"] == 0.0
     assert "result    : MATCH" in completed.stdout
