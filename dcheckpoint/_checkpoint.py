@@ -13,6 +13,8 @@ import os
 import time
 import warnings
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,7 @@ from dcheckpoint._async import Saver
 from dcheckpoint._comm import default_communicator
 from dcheckpoint._leaf import leaf_target
 from dcheckpoint._log import log_restore
+from dcheckpoint._options import CheckpointOptions
 from dcheckpoint._plan import python_type
 from dcheckpoint._state_file import CheckpointState, get_checkpoint_state, write_checkpoint_state
 from dcheckpoint._status import (
@@ -406,7 +409,7 @@ class Checkpoint(AutoTrackable):
       >>> ckpt.save_counter.value                     # 1
     """
 
-    def __init__(self, root=None, **kwargs):
+    def __init__(self, root: Any = None, **kwargs: Any) -> None:
         object.__setattr__(self, "_dc_root", root)
         object.__setattr__(self, "_dc_counter", None)
         object.__setattr__(self, "_dc_saver", Saver())
@@ -453,7 +456,8 @@ class Checkpoint(AutoTrackable):
         """Where values with no sharding of their own are restored: host numpy."""
         return None
 
-    def save(self, file_prefix: str, options=None, *, metadata=None) -> str:
+    def save(self, file_prefix: str | os.PathLike, options: CheckpointOptions | None = None,
+             *, metadata: dict | None = None) -> str:
         """Increments ``save_counter`` and writes ``f"{file_prefix}-{save_counter}"``.
 
         A save that raises (on every process: see `_engine.save_failed_here`) leaves
@@ -491,7 +495,9 @@ class Checkpoint(AutoTrackable):
                 counter.assign(before)
             raise
 
-    def write(self, file_prefix: str, options=None, *, on_commit=None, metadata=None) -> str:
+    def write(self, file_prefix: str | os.PathLike, options: CheckpointOptions | None = None,
+              *, on_commit: Callable[[str], None] | None = None,
+              metadata: dict | None = None) -> str:
         """Writes one checkpoint at exactly ``file_prefix``; ``save_counter`` is untouched.
 
         Args:
@@ -561,7 +567,9 @@ class Checkpoint(AutoTrackable):
         """Whether the save to ``path`` that just raised committed first (see Saver)."""
         return self._dc_saver.committed == path
 
-    def restore(self, save_path: str | None, options=None, *, cast_dtypes: bool = False):
+    def restore(self, save_path: str | os.PathLike | None,
+                options: CheckpointOptions | None = None, *,
+                cast_dtypes: bool = False) -> CheckpointLoadStatus | InitializationOnlyStatus:
         """Restores a ``save`` (or ``write``) output, ``save_counter`` included.
 
         ``cast_dtypes=True`` casts a saved value to its object's dtype where they differ
@@ -581,7 +589,7 @@ class Checkpoint(AutoTrackable):
         self.save_counter  # noqa: B018  (created now, as TF does, so it is matched)
         return self.read(save_path, options, cast_dtypes=cast_dtypes)
 
-    def read(self, save_path: str, options=None, *,
+    def read(self, save_path: str | os.PathLike, options: CheckpointOptions | None = None, *,
              cast_dtypes: bool = False) -> CheckpointLoadStatus:
         """Restores a ``write`` output; creates no ``save_counter``. ``cast_dtypes``: as
         ``restore``.

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dcheckpoint._checkpoint import Checkpoint
+from mesh import Mesh
 
 __all__ = ["DTensorCheckpoint"]
 
@@ -31,7 +34,7 @@ class DTensorCheckpoint(Checkpoint):
       >>> DTensorCheckpoint(m, w=w).save("/ckpt/run")   # restore on any other mesh
     """
 
-    def __init__(self, mesh, root=None, **kwargs):
+    def __init__(self, mesh: Mesh | jax.sharding.Mesh, root: Any = None, **kwargs: Any) -> None:
         jax_mesh = getattr(mesh, "jax_mesh", mesh)
         if not isinstance(jax_mesh, jax.sharding.Mesh):
             raise ValueError(
@@ -43,7 +46,7 @@ class DTensorCheckpoint(Checkpoint):
         super().__init__(root, **kwargs)
 
     @property
-    def mesh(self):
+    def mesh(self) -> Mesh | jax.sharding.Mesh:
         """The mesh this checkpoint lays values out on."""
         return self._dc_mesh
 

@@ -474,6 +474,11 @@ def read_metadata(directory: str) -> CheckpointMetadata:
             raise CheckpointNotFoundError(_manager_directory_hint(directory))
         if storage.exists(_orbax.METADATA_FILE):
             return _orbax.read_orbax_metadata(storage, directory)
+        items = _orbax.manager_step_items(storage)
+        if items:
+            raise CheckpointNotFoundError(
+                f"{directory!r} is a step of an Orbax CheckpointManager; its items are "
+                f"{items}: restore {os.path.join(directory, items[0])!r}")
         why = "no such directory"
         if storage.exists():
             try:

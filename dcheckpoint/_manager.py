@@ -26,6 +26,8 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from . import _engine, errors
 from ._best import check_best_fn, metric_of
@@ -50,6 +52,9 @@ from ._state_file import (
 from ._status import CheckpointAssertionError
 from ._storage import TMP_MARKER, open_storage
 from ._user_metadata import check_user_metadata
+
+if TYPE_CHECKING:
+    from ._checkpoint import Checkpoint
 from .errors import CheckpointError, CoordinationError, CorruptCheckpointError
 
 __all__ = ["CheckpointManager", "checkpoints_iterator", "wait_for_new_checkpoint"]
@@ -189,23 +194,23 @@ class CheckpointManager(ManagerExtras):
 
     def __init__(
         self,
-        checkpoint,
-        directory,
-        max_to_keep,
-        keep_checkpoint_every_n_hours=None,
-        checkpoint_name="ckpt",
-        step_counter=None,
-        checkpoint_interval=None,
-        init_fn=None,
+        checkpoint: Checkpoint,
+        directory: str | os.PathLike,
+        max_to_keep: int | None,
+        keep_checkpoint_every_n_hours: float | None = None,
+        checkpoint_name: str = "ckpt",
+        step_counter: Any = None,
+        checkpoint_interval: int | None = None,
+        init_fn: Callable[[], Any] | None = None,
         *,
-        best_fn=None,
-        best_mode="max",
-        save_on_preemption=False,
-        local_directory=None,
-        local_every=None,
-        local_max_to_keep=2,
-        local_failure_domain=None,
-    ):
+        best_fn: Callable[[dict], float] | None = None,
+        best_mode: str = "max",
+        save_on_preemption: bool = False,
+        local_directory: str | os.PathLike | None = None,
+        local_every: int | None = None,
+        local_max_to_keep: int = 2,
+        local_failure_domain: str | None = None,
+    ) -> None:
         max_to_keep = _check_max_to_keep(max_to_keep)
         if local_every is not None and (isinstance(local_every, bool) or not isinstance(
                 local_every, numbers.Integral) or local_every < 1):
@@ -375,11 +380,11 @@ class CheckpointManager(ManagerExtras):
         return self._directory
 
     @property
-    def checkpoint(self):
+    def checkpoint(self) -> Checkpoint:
         return self._checkpoint
 
     @property
-    def checkpoint_interval(self):
+    def checkpoint_interval(self) -> int | None:
         return self._checkpoint_interval
 
     @property
@@ -540,8 +545,9 @@ class CheckpointManager(ManagerExtras):
         self._last_checkpoint_step = numbering[0]
         self._checkpoint.save_counter.assign(numbering[1])
 
-    def save(self, checkpoint_number=None, check_interval=True, options=None, *,
-             metadata=None) -> str | None:
+    def save(self, checkpoint_number: Any = None, check_interval: bool = True,
+             options: CheckpointOptions | None = None, *,
+             metadata: dict | None = None) -> str | None:
         """Saves a checkpoint numbered as TF's manager does, then applies retention.
 
         Args:
@@ -726,8 +732,10 @@ def _wait_for_new(find_latest, last, seconds_to_sleep, timeout):
 
 
 def checkpoints_iterator(
-    checkpoint_dir, min_interval_secs=0, timeout=None, timeout_fn=None, *, seconds_to_sleep=1.0
-):
+    checkpoint_dir: str | os.PathLike, min_interval_secs: float = 0,
+    timeout: float | None = None, timeout_fn: Callable[[], bool] | None = None, *,
+    seconds_to_sleep: float = 1.0,
+) -> Iterator[str]:
     """Yields each new latest checkpoint of ``checkpoint_dir`` (TF's semantics).
 
     For evaluators following a training job. Intermediate checkpoints written while

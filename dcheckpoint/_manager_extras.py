@@ -12,6 +12,7 @@ import logging
 import numbers
 import os
 import re
+from typing import TYPE_CHECKING
 
 from ._best import metric_of, to_drop
 from ._comm import agree, run_ordered
@@ -19,6 +20,9 @@ from ._engine import read_metadata
 from ._options import CheckpointOptions
 from ._state_file import STATE_FILENAME, is_committed
 from ._storage import open_storage
+
+if TYPE_CHECKING:
+    from ._status import CheckpointLoadStatus
 from .errors import CheckpointNotFoundError, CoordinationError
 
 __all__ = ["ManagerExtras", "evaluate_counter"]
@@ -125,7 +129,8 @@ class ManagerExtras:
         """The step of :attr:`latest_checkpoint`, or None when there is none."""
         return self._step_of(self.latest_checkpoint)
 
-    def restore(self, step, options=None):
+    def restore(self, step: int, options: CheckpointOptions | None = None
+                ) -> CheckpointLoadStatus:
         """Restores checkpoint ``step`` into :attr:`checkpoint`.
 
         Returns:
@@ -156,7 +161,7 @@ class ManagerExtras:
             )
         return path
 
-    def delete(self, step) -> str:
+    def delete(self, step: int) -> str:
         """Deletes checkpoint ``step`` (collective: every process calls it, as ``save``).
 
         Waits for an async save in flight first. The coordinator writes the state file

@@ -110,6 +110,16 @@ def read_orbax_metadata(storage, directory: str) -> OrbaxMetadata:
     )
 
 
+def manager_step_items(storage) -> list[str]:
+    """The items of an Orbax ``CheckpointManager`` step directory (``run/12`` holding
+    ``_CHECKPOINT_METADATA`` and ``default/_METADATA``), so a restore pointed at the step
+    can name the directory to restore instead; [] for anything else."""
+    if not storage.exists(_CHECKPOINT_FILE):
+        return []
+    return [name for name in sorted(storage.list_dir())
+            if storage.exists(f"{name}/{METADATA_FILE}")]
+
+
 def read_arrays(metadata: OrbaxMetadata, targets: dict[str, Any],
                 directory: str) -> dict[str, Any]:
     """Reads ``{path: target}`` of an Orbax checkpoint: each process only the slices

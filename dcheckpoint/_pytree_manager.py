@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import numbers
+import os
+from collections.abc import Callable
 from typing import Any
 
 from ._async import Saver
@@ -109,11 +111,15 @@ class PytreeManager(CheckpointManager):
 
     _NUMBER_ARGUMENT = "step"  # what a refused number is called in the error
 
-    def __init__(self, directory, max_to_keep=None, *, keep_checkpoint_every_n_hours=None,
-                 checkpoint_name="ckpt", save_interval_steps=None, best_fn=None,
-                 best_mode="max", save_on_preemption=False,
-                 options: CheckpointOptions | None = None, local_directory=None,
-                 local_every=None, local_max_to_keep=2, local_failure_domain=None):
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = None, *,
+                 keep_checkpoint_every_n_hours: float | None = None,
+                 checkpoint_name: str = "ckpt", save_interval_steps: int | None = None,
+                 best_fn: Callable[[dict], float] | None = None, best_mode: str = "max",
+                 save_on_preemption: bool = False,
+                 options: CheckpointOptions | None = None,
+                 local_directory: str | os.PathLike | None = None,
+                 local_every: int | None = None, local_max_to_keep: int = 2,
+                 local_failure_domain: str | None = None) -> None:
         if save_interval_steps is not None and (
                 isinstance(save_interval_steps, bool) or not isinstance(
                     save_interval_steps, numbers.Integral) or save_interval_steps < 1):
@@ -129,7 +135,8 @@ class PytreeManager(CheckpointManager):
                          local_max_to_keep=local_max_to_keep,
                          local_failure_domain=local_failure_domain)
 
-    def save(self, step, tree, *, metadata=None, options=None, force=False) -> str | None:
+    def save(self, step: int, tree: Any, *, metadata: dict | None = None,
+             options: CheckpointOptions | None = None, force: bool = False) -> str | None:
         """Saves ``tree`` as the checkpoint of ``step``, then applies retention.
 
         Args:
@@ -159,7 +166,8 @@ class PytreeManager(CheckpointManager):
 
     _names_steps = True
 
-    def restore(self, step=None, target=None, *, cast_dtypes: bool = False) -> Any:
+    def restore(self, step: int | None = None, target: Any = None, *,
+                cast_dtypes: bool = False) -> Any:
         """Restores checkpoint ``step`` (default: the latest) into ``target``.
 
         With a local tier, the newest step complete there (own and peer copies of
@@ -191,7 +199,7 @@ class PytreeManager(CheckpointManager):
         self.restored_from = path
         return restored
 
-    def metadata(self, step=None) -> dict:
+    def metadata(self, step: int | None = None) -> dict:
         """The metadata dict saved with ``step`` (default: the latest), ``"step"`` in it.
 
         Raises:

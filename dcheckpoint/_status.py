@@ -143,15 +143,15 @@ class InitializationOnlyStatus:
 
     _MESSAGE = "No checkpoint specified (save_path=None); nothing is being restored."
 
-    def assert_consumed(self):
+    def assert_consumed(self) -> InitializationOnlyStatus:
         """Always fails: no checkpoint was given."""
         raise CheckpointAssertionError(self._MESSAGE)
 
-    def assert_existing_objects_matched(self):
+    def assert_existing_objects_matched(self) -> InitializationOnlyStatus:
         """Always fails: no checkpoint was given."""
         raise CheckpointAssertionError(self._MESSAGE)
 
-    def assert_nontrivial_match(self):
+    def assert_nontrivial_match(self) -> InitializationOnlyStatus:
         """Always fails: no checkpoint was given."""
         raise CheckpointAssertionError(self._MESSAGE)
 

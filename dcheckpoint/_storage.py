@@ -366,13 +366,15 @@ class ObjectStorage:
         """Every key under ``prefix`` ("" for all), relative to this storage."""
         key_range = ts.KvStore.KeyRange(prefix, _successor(prefix)) if prefix else None
         keys = self._wait(self._kv().list(key_range), "listing", prefix.rstrip("/"))
-        return [k.decode() for k in keys]
+        # Only what was asked for: a server that ignores the range's end (the GCS
+        # emulator lists the whole common prefix) must not add neighbours' keys.
+        return [k for k in (k.decode() for k in keys) if k.startswith(prefix)]
 
     def exists(self, relpath: str = "") -> bool:
         """Whether an object ``relpath``, or any object under it, exists."""
         key = self.resolve_key(relpath) if relpath else ""
-        if key and self._wait(self._kv().list(ts.KvStore.KeyRange(key, key + "\0")),
-                              "looking up", key):
+        if key and key.encode() in self._wait(
+                self._kv().list(ts.KvStore.KeyRange(key, key + "\0")), "looking up", key):
             return True
         return bool(self._keys(f"{key}/" if key else ""))
 

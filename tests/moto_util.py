@@ -1,8 +1,11 @@
-"""A real S3-compatible server (moto) on 127.0.0.1 for the object storage tests."""
+"""Real object store servers on 127.0.0.1 for the object storage tests: S3 (moto) and
+Google Cloud Storage (gcp-storage-emulator), each reached through TensorStore's own
+driver, as in production."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -43,11 +46,15 @@ def moto_server():
         server.wait(timeout=30)
 
 
-@contextlib.contextmanager
 def environment(endpoint: str, **extra: str):
-    """Puts the endpoint, credentials and ``extra`` in os.environ (mpiexec workers
+    """Puts the S3 endpoint, credentials and ``extra`` in os.environ (mpiexec workers
     inherit it), and restores what was there."""
-    values = {**ENV, "DCHECKPOINT_S3_ENDPOINT": endpoint, **extra}
+    return environment_of({**ENV, "DCHECKPOINT_S3_ENDPOINT": endpoint, **extra})
+
+
+@contextlib.contextmanager
+def environment_of(values: dict):
+    """Puts ``values`` in os.environ for the duration, then restores what was there."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -60,22 +67,67 @@ def environment(endpoint: str, **extra: str):
                 os.environ[key] = value
 
 
-def make_bucket(endpoint: str) -> str:
-    """A fresh bucket, created with a plain HTTP PUT (no AWS SDK needed); its URL."""
+def make_bucket(endpoint: str, scheme: str = "s3") -> str:
+    """A fresh bucket, created with a plain HTTP request (no cloud SDK needed); its URL."""
     name = f"ckpt-{uuid.uuid4().hex[:12]}"
-    request = urllib.request.Request(f"{endpoint}/{name}", method="PUT")
+    if scheme == "gs":
+        request = urllib.request.Request(
+            f"{endpoint}/storage/v1/b?project=test", method="POST",
+            data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"})
+    else:
+        request = urllib.request.Request(f"{endpoint}/{name}", method="PUT")
     urllib.request.urlopen(request, timeout=30).close()
-    return f"s3://{name}"
+    return f"{scheme}://{name}"
+
+
+@contextlib.contextmanager
+def gcs_server():
+    """Runs gcp-storage-emulator (in memory, listing ranges honoured: see
+    gcs_emulator.py) on a free 127.0.0.1 port; yields (endpoint, port)."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py"),
+         str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until_serving(url, server)
+        yield url, port
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+# TensorStore's gcs driver: the endpoint, and a fixed token (the emulator checks none).
+def gcs_environment(endpoint: str):
+    return environment_of({"TENSORSTORE_GCS_HTTP_URL": endpoint,
+                           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator"})
+
+
+@contextlib.contextmanager
+def object_store(scheme: str):
+    """A running server of ``scheme`` ("s3" or "gs") with its environment set; yields
+    its endpoint."""
+    if scheme == "gs":
+        with gcs_server() as (url, _), gcs_environment(url):
+            yield url
+    else:
+        with moto_server() as (url, _), environment(url):
+            yield url
 
 
 def _wait_until_serving(endpoint: str, server: subprocess.Popen) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"moto server exited with {server.returncode}")
+            raise RuntimeError(f"object store server exited with {server.returncode}")
         try:
             urllib.request.urlopen(endpoint, timeout=2).close()
             return
+        except urllib.error.HTTPError:
+            return  # it answers (an error status for "/" is still an answer)
         except (urllib.error.URLError, ConnectionError):
             time.sleep(0.2)
-    raise RuntimeError(f"moto server at {endpoint} did not answer within 60 s")
+    raise RuntimeError(f"object store server at {endpoint} did not answer within 60 s")

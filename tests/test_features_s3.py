@@ -7,7 +7,7 @@ import numpy as np
 import dcheckpoint
 from dcheckpoint._cli import main
 from dcheckpoint._storage import open_storage
-from tests.test_object_storage import bucket, endpoint  # noqa: F401 (pytest fixtures)
+from tests.test_object_storage import bucket, endpoint, scheme  # noqa: F401 (pytest fixtures)
 
 
 def test_steps_best_fn_delete_and_rm_on_s3(bucket, capsys):  # noqa: F811

@@ -1,4 +1,6 @@
-"""Checkpoints on S3, against a real S3-compatible server (moto) started on 127.0.0.1.
+"""Checkpoints on S3 and GCS, against real servers started on 127.0.0.1: moto for S3,
+gcp-storage-emulator for GCS (TensorStore's gcs driver pointed at it through
+TENSORSTORE_GCS_HTTP_URL). Every test runs on both.
 
 Object stores cannot rename: a save writes into its final prefix and the metadata file,
 written last, is the commit marker. These tests check that through the public API, in
@@ -20,23 +22,29 @@ from dcheckpoint._cli import main
 from dcheckpoint._metadata import METADATA_FILE
 from dcheckpoint._storage import ObjectStorage, open_storage
 from dcheckpoint.errors import CheckpointNotFoundError, CorruptCheckpointError
-from tests.moto_util import environment, make_bucket, moto_server
+from tests.moto_util import make_bucket, object_store
 from tests.mp_util import REPO_ROOT, results, run_launch
 
 WORKER = REPO_ROOT / "tests" / "workers" / "s3_worker.py"
 
 
+@pytest.fixture(scope="module", params=["s3", "gs"])
+def scheme(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def endpoint():
-    """A moto S3 server; its endpoint and dummy credentials are put in the environment,
-    where the library (and the mpiexec workers, which inherit it) read them."""
-    with moto_server() as (url, _), environment(url):
+def endpoint(scheme):
+    """An S3 (moto) or GCS (gcp-storage-emulator) server; its endpoint and dummy
+    credentials are put in the environment, where the library (and the mpiexec
+    workers, which inherit it) read them."""
+    with object_store(scheme) as url:
         yield url
 
 
 @pytest.fixture
-def bucket(endpoint):
-    return make_bucket(endpoint)
+def bucket(endpoint, scheme):
+    return make_bucket(endpoint, scheme)
 
 
 def _sharded(mesh, spec, values):
@@ -65,13 +73,15 @@ def test_save_then_restore_onto_another_mesh(bucket):
     assert open_storage(path).list_dir(f"{w}/c") == ["0", "1", "2", "3"]
 
 
-def test_each_array_is_plain_zarr_readable_without_this_library(bucket, endpoint):
+def test_each_array_is_plain_zarr_readable_without_this_library(bucket, endpoint, scheme):
     values = np.arange(12, dtype=np.int32).reshape(3, 4)
     path = dcheckpoint.save_pytree(f"{bucket}/plain", {"a": values})
     a = dcheckpoint.read_metadata(path).arrays["a"].storage_path  # data-<save id>/a
-    spec = {"driver": "zarr3", "kvstore": {
-        "driver": "s3", "bucket": bucket.removeprefix("s3://"), "path": f"plain/{a}/",
-        "endpoint": endpoint, "aws_region": "us-east-1"}}
+    name = bucket.split("://")[1]
+    kvstore = ({"driver": "s3", "bucket": name, "path": f"plain/{a}/", "endpoint": endpoint,
+                "aws_region": "us-east-1"} if scheme == "s3" else
+               {"driver": "gcs", "bucket": name, "path": f"plain/{a}/"})
+    spec = {"driver": "zarr3", "kvstore": kvstore}
     np.testing.assert_array_equal(ts.open(spec).result().read().result(), values)
     meta = json.loads(open_storage(path).read_bytes(METADATA_FILE, max_bytes=1 << 20))
     assert meta["checkpoint"]["arrays"]["a"]["shape"] == [3, 4]
@@ -124,7 +134,7 @@ def test_a_save_that_crashed_before_its_marker_is_ignored_then_cleaned(bucket):
     assert "zarr.json" in open_storage(crashed).list_dir()
 
     assert dcheckpoint.latest_checkpoint(directory) == f"{directory}/ckpt-1"
-    with pytest.raises(CheckpointNotFoundError, match="no metadata file: an incomplete"):
+    with pytest.raises(CheckpointNotFoundError, match=r"_METADATA: an interrupted save"):
         checkpoint.restore(crashed)
 
     successor = dcheckpoint.CheckpointManager(checkpoint, directory, max_to_keep=3)

@@ -1,4 +1,5 @@
-"""S3 checkpoints through a fault-injecting proxy (tests/fault_proxy.py) in front of moto.
+"""S3 and GCS checkpoints through a fault-injecting proxy (tests/fault_proxy.py) in front
+of moto and gcp-storage-emulator.
 
 The proxy answers HTTP 500, drops connections before forwarding, forwards a request and
 then loses its response, or stalls, for the requests a test picks. Each test saves
@@ -7,13 +8,14 @@ save commits and restores bit-identically, or fails within its timeout with a
 `StorageTimeoutError` (or a `CheckpointError` carrying it) naming the operation and
 path, while ckpt-1 stays the latest checkpoint and restores bit-identically.
 
-TensorStore's S3 retry backoff is shortened through DCHECKPOINT_TENSORSTORE_CONTEXT
+TensorStore's S3 and GCS retry backoffs are shortened through DCHECKPOINT_TENSORSTORE_CONTEXT
 (its default starts at 1 s) so that retried requests finish in milliseconds.
 """
 
 import json
 import re
 import time
+from urllib.parse import parse_qs, unquote
 
 import numpy as np
 import pytest
@@ -23,31 +25,41 @@ from dcheckpoint import _tensorstore as tsio
 from dcheckpoint._storage import open_storage
 from dcheckpoint.errors import CheckpointError, StorageTimeoutError
 from tests.fault_proxy import FaultProxy
-from tests.moto_util import environment, make_bucket, moto_server
+from tests.moto_util import (
+    environment,
+    environment_of,
+    gcs_environment,
+    gcs_server,
+    make_bucket,
+    moto_server,
+)
 from tests.mp_util import REPO_ROOT, results, run_launch
 
-FAST_RETRIES = {"s3_request_retries": {"max_retries": 32, "initial_delay": "10ms",
-                                       "max_delay": "100ms"}}
+_RETRIES = {"max_retries": 32, "initial_delay": "10ms", "max_delay": "100ms"}
+FAST_RETRIES = {"s3_request_retries": _RETRIES, "gcs_request_retries": _RETRIES}
 WORKER = REPO_ROOT / "tests" / "workers" / "s3_worker.py"
 STALL_SECS = 120  # far longer than any timeout here: a save that waited for it failed
 TIMEOUT_SECS = 2.0
 
 
-@pytest.fixture(scope="module")
-def servers():
-    with moto_server() as (url, port), FaultProxy(port) as proxy, \
-            environment(proxy.endpoint, **{tsio.CONTEXT_VARIABLE: json.dumps(FAST_RETRIES)}):
+@pytest.fixture(scope="module", params=["s3", "gs"])
+def servers(request):
+    scheme = request.param
+    server = gcs_server if scheme == "gs" else moto_server
+    with server() as (url, port), FaultProxy(port) as proxy, \
+            environment_of({tsio.CONTEXT_VARIABLE: json.dumps(FAST_RETRIES)}), \
+            (gcs_environment if scheme == "gs" else environment)(proxy.endpoint):
         saved_context = tsio._CONTEXT
         tsio._CONTEXT = None  # re-read with the fast retries
         try:
-            yield url, proxy
+            yield url, proxy, scheme
         finally:
             tsio._CONTEXT = saved_context
 
 
 @pytest.fixture
 def proxy(servers):
-    _, proxy = servers
+    _, proxy, _ = servers
     proxy.reset()
     yield proxy
     proxy.heal()
@@ -55,8 +67,8 @@ def proxy(servers):
 
 @pytest.fixture
 def directory(servers):
-    url, _ = servers
-    return f"{make_bucket(url)}/run"
+    url, _, scheme = servers
+    return f"{make_bucket(url, scheme)}/run"
 
 
 def values(step: int) -> dict:
@@ -87,11 +99,26 @@ def assert_restores(path: str, step: int) -> None:
         assert restored[name].dtype == want.dtype
 
 
+def object_of(r) -> str:
+    """The object a request names, as ``/bucket/key`` for S3 (the path) and for GCS
+    (whose JSON API names it in ``?name=`` for an upload, after ``/o/`` otherwise)."""
+    path, _, query = r.path.partition("?")
+    if "/storage/v1/b/" not in path:
+        return unquote(path)
+    bucket, _, rest = path.split("/storage/v1/b/", 1)[1].partition("/o")
+    return f"/{bucket}/" + parse_qs(query).get("name", [unquote(rest.lstrip("/"))])[0]
+
+
+def is_write(r) -> bool:
+    """An object write: S3's PUT, GCS's upload POST."""
+    return r.method == "PUT" or (r.method == "POST" and "uploadType=" in r.path)
+
+
 def put(pattern: str):
-    """Matches PUTs whose path contains ``pattern``; ``DATA`` stands for the save's own
-    data directory (``data-<save id>``, see docs/FORMAT.md)."""
+    """Matches writes of objects whose key contains ``pattern``; ``DATA`` stands for the
+    save's own data directory (``data-<save id>``, see docs/FORMAT.md)."""
     regex = re.compile(re.escape(pattern).replace("DATA", "data-[0-9a-f]+"))
-    return lambda r: r.method == "PUT" and regex.search(r.path) is not None
+    return lambda r: is_write(r) and regex.search(object_of(r)) is not None
 
 
 ARRAY_NODE = put("/ckpt-2/DATA/w/zarr.json")
@@ -132,7 +159,7 @@ def test_errors_that_outlast_the_timeout_fail_cleanly_and_a_later_save_works(
         proxy, directory):
     save_step(directory, 1)
     second = manager(directory, 2)
-    proxy.fail(1 << 30, match=lambda r: r.method == "PUT")
+    proxy.fail(1 << 30, match=is_write)
     with pytest.raises(CheckpointError) as caught:
         save(second, 2, timeout_secs=TIMEOUT_SECS)
     assert "storage did not answer within 2 s" in str(caught.value)
@@ -192,8 +219,9 @@ def test_a_late_write_of_a_failed_save_cannot_overwrite_the_next_save_to_that_na
     # Same name at once, other arrays, while the old marker's PUT is still held.
     path = save(retry, 2, timeout_secs=10 * TIMEOUT_SECS)
     time.sleep(max(0.0, released - time.monotonic()) + 1.0)  # the held PUT is through
-    marker = [r.method for r in proxy.requests if r.path.endswith("/ckpt-2/dcheckpoint.json")]
-    assert marker.count("PUT") == 2  # the old one was held, then went through
+    marker = [is_write(r) for r in proxy.requests
+              if object_of(r).endswith("/ckpt-2/dcheckpoint.json")]
+    assert marker.count(True) == 2  # the old one was held, then went through
     assert sorted(dcheckpoint.read_metadata(path).arrays) == ["b", "save_counter", "w"]
     assert_restores(path, 5)
 
@@ -220,7 +248,7 @@ def test_two_processes_save_through_errors_drops_and_lost_responses(proxy, direc
     onto (2, 4), each process a separate client of the faulty proxy."""
     proxy.fail(8)
     proxy.drop(4)
-    proxy.lose_response(6, match=lambda r: r.method in ("PUT", "DELETE"))
+    proxy.lose_response(6, match=lambda r: is_write(r) or r.method == "DELETE")
     saved = results(run_launch(WORKER, "save", directory, "4x2", processes=2,
                                devices_per_process=4))
     assert dict(proxy.fired) == {"fail": 8, "drop": 4, "lose_response": 6}
@@ -234,11 +262,11 @@ def test_two_processes_save_through_errors_drops_and_lost_responses(proxy, direc
 
 @pytest.mark.parametrize("which,operation", [
     pytest.param(lambda r: r.method == "GET", "looking up", id="metadata"),
-    pytest.param(lambda r: r.method == "GET" and "/w/c/" in r.path, "reading array 'w'",
+    pytest.param(lambda r: r.method == "GET" and "/w/c/" in object_of(r), "reading array 'w'",
                  id="chunk reads"),
 ])
 def test_a_stalled_server_fails_a_restore_within_the_storage_timeout(
-        proxy, directory, monkeypatch, which, operation):
+        servers, proxy, directory, monkeypatch, which, operation):
     path = save_step(directory, 1)
     monkeypatch.setenv(tsio.TIMEOUT_VARIABLE, str(TIMEOUT_SECS))
     proxy.stall(STALL_SECS, match=which)
@@ -248,6 +276,10 @@ def test_a_stalled_server_fails_a_restore_within_the_storage_timeout(
     assert time.monotonic() - start < STALL_SECS / 2
     assert path in str(caught.value)
     proxy.heal()
+    if servers[2] == "gs":
+        # The emulator answers a released chunk read in a way TensorStore's gcs cache
+        # then takes for "Malformed StorageGeneration"; a new context reads it afresh.
+        monkeypatch.setattr(tsio, "_CONTEXT", None)
     assert_restores(path, 1)
 
 

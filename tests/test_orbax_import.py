@@ -168,3 +168,16 @@ def test_crafted_orbax_metadata_is_refused(tmp_path):
         del metadata["tree_metadata"]
     with pytest.raises(CorruptCheckpointError, match=r"expected Orbax's"):
         dcheckpoint.read_metadata(_crafted(tmp_path / "d", no_tree))
+
+
+def test_an_orbax_manager_step_names_its_item_directory(tmp_path):
+    with ocp.CheckpointManager(str(tmp_path / "run")) as manager:
+        manager.save(12, args=ocp.args.StandardSave({"w": jnp.arange(4.0)}))
+        manager.wait_until_finished()
+    step = str(tmp_path / "run" / "12")
+    with pytest.raises(dcheckpoint.CheckpointNotFoundError,
+                       match=r"a step of an Orbax CheckpointManager; its items are \['default'\]"
+                             r": restore '.*/run/12/default'"):
+        dcheckpoint.restore_pytree(step)
+    restored = dcheckpoint.restore_pytree(f"{step}/default")
+    np.testing.assert_array_equal(restored["w"], np.arange(4.0, dtype=np.float32))

@@ -87,7 +87,7 @@ def test_missing_chunk(checkpoint):
 
 def test_missing_metadata_file_is_not_a_checkpoint(checkpoint):
     os.remove(os.path.join(checkpoint, "dcheckpoint.json"))
-    with pytest.raises(CheckpointNotFoundError, match="incomplete save"):
+    with pytest.raises(CheckpointNotFoundError, match="an interrupted save, or not a checkpoint"):
         restore_pytree(checkpoint, _target())
 
 
