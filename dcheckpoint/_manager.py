@@ -68,6 +68,12 @@ _HELD_LOCKS: dict[str, list] = {}
 # Reentrant: a manager's finalizer (_unlock_directory) can run from the garbage collector
 # in the middle of _lock_directory, on the same thread, while the guard is held.
 _HELD_LOCKS_GUARD = threading.RLock()
+# Unlocks a finalizer could not make at once: the garbage collector can also run it on
+# another thread (one starting up, say the new lock's lease thread, which
+# _lock_directory waits for while it holds the guard), where waiting for the guard
+# would deadlock both. They are made by the guard's next holder.
+_DEFERRED_UNLOCKS: list[str] = []
+_GUARD_WAIT_SECS = 1.0  # the guard is held for a file create, never long
 
 
 def _lock_directory(directory: str) -> DirectoryLock:
@@ -76,14 +82,28 @@ def _lock_directory(directory: str) -> DirectoryLock:
         if entry is None:
             entry = _HELD_LOCKS[directory] = [DirectoryLock(directory).acquire(), 0]
         entry[1] += 1
+        _unlock_deferred()
         return entry[0]
 
 
 def _unlock_directory(directory: str) -> None:
-    with _HELD_LOCKS_GUARD:
+    if not _HELD_LOCKS_GUARD.acquire(timeout=_GUARD_WAIT_SECS):
+        _DEFERRED_UNLOCKS.append(directory)  # atomic; see _DEFERRED_UNLOCKS
+        return
+    try:
+        _DEFERRED_UNLOCKS.append(directory)
+        _unlock_deferred()
+    finally:
+        _HELD_LOCKS_GUARD.release()
+
+
+def _unlock_deferred() -> None:
+    """Makes the unlocks waiting in _DEFERRED_UNLOCKS (the guard held)."""
+    while _DEFERRED_UNLOCKS:
+        directory = _DEFERRED_UNLOCKS.pop()
         entry = _HELD_LOCKS.get(directory)
         if entry is None:
-            return
+            continue
         entry[1] -= 1
         if entry[1] == 0:
             del _HELD_LOCKS[directory]
