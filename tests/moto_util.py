@@ -29,14 +29,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
 def moto_server():
     """Runs ``python -m moto.server`` on a free 127.0.0.1 port; yields (endpoint, port)."""
+    return _serve(lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                "-p", str(port)])
+
+
+@contextlib.contextmanager
+def _serve(command):
+    """Runs ``command(port)`` for a free 127.0.0.1 port until it answers HTTP; yields
+    (endpoint, port), and stops it after."""
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    server = subprocess.Popen(command(port), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_until_serving(url, server)
@@ -81,23 +86,11 @@ def make_bucket(endpoint: str, scheme: str = "s3") -> str:
     return f"{scheme}://{name}"
 
 
-@contextlib.contextmanager
 def gcs_server():
     """Runs gcp-storage-emulator (in memory, listing ranges honoured: see
     gcs_emulator.py) on a free 127.0.0.1 port; yields (endpoint, port)."""
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, os.path.join(os.path.dirname(__file__), "gcs_emulator.py"),
-         str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_until_serving(url, server)
-        yield url, port
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    emulator = os.path.join(os.path.dirname(__file__), "gcs_emulator.py")
+    return _serve(lambda port: [sys.executable, emulator, str(port)])
 
 
 # TensorStore's gcs driver: the endpoint, and a fixed token (the emulator checks none).
