@@ -39,7 +39,10 @@ FORMAT_NAME = "dcheckpoint"
 FORMAT_VERSION = 2
 MAX_METADATA_BYTES = 256 * 1024 * 1024
 _MAX_RANK = 32
-_MAX_ELEMENTS = 2**62
+# numpy must be able to hold any shape we accept, even a zero-size one it allocates
+# whole: the product of the non-zero dimensions times the widest item (16 bytes) must
+# stay below 2**63.
+_MAX_ELEMENTS = 2**59
 
 # Zarr v3 data_type names, equal to numpy's names. The ml_dtypes types (bfloat16, the
 # float8s, float4_e2m1fn, int4, int2) are TensorStore's extensions; uint4 and uint2 are
@@ -250,7 +253,7 @@ def _array_from_json(path: object, entry: object) -> ArrayMetadata:
             f"Array {path!r}: shape {list(shape)} and chunk_shape {list(chunk_shape)} must "
             f"have the same rank, at most {_MAX_RANK}"
         )
-    if math.prod(shape) > _MAX_ELEMENTS:
+    if math.prod(max(d, 1) for d in shape) > _MAX_ELEMENTS:
         raise CorruptCheckpointError(f"Array {path!r}: absurd shape {list(shape)}")
     # A saved chunk is a shard: never larger than the array (1 along an empty dim), so
     # a chunk can never ask a reader for more memory than the array itself.

@@ -136,6 +136,7 @@ def test_unknown_format_versions(checkpoint, version, advice):
 
 @pytest.mark.parametrize("field, value, found", [
     ("shape", [2**40, 2**40], "absurd shape"),
+    ("shape", [2**61, 0, 2**20], "absurd shape"),  # zero-size, yet too big for numpy
     ("shape", [-1], "shape must be a list of integers >= 0, found \\[-1\\]"),
     ("shape", [5, 1], "same rank"),
     ("shape", [1] * 40, "at most 32"),
@@ -149,8 +150,8 @@ def test_unknown_format_versions(checkpoint, version, advice):
 def test_absurd_shapes_and_dtypes(checkpoint, field, value, found):
     def edit(doc):
         doc["checkpoint"]["arrays"]["bias"][field] = value
-        if value == [2**40, 2**40]:
-            doc["checkpoint"]["arrays"]["bias"]["chunk_shape"] = [1, 1]
+        if value in ([2**40, 2**40], [2**61, 0, 2**20]):
+            doc["checkpoint"]["arrays"]["bias"]["chunk_shape"] = [1] * len(value)
     _edit_metadata(checkpoint, edit)
     with pytest.raises(CorruptCheckpointError, match=rf"Array 'bias'.*{found}"):
         read_metadata(checkpoint)
