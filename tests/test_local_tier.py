@@ -6,8 +6,13 @@ import json
 import os
 import shutil
 
+import grain
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import dcheckpoint
+from dcheckpoint._cli import main
 from dcheckpoint._local_format import piece_key
 from dcheckpoint._local_tier import _assign, _choose_step
 from tests.mp_util import REPO_ROOT, results, run_launch
@@ -126,12 +131,6 @@ def test_piece_keys_name_global_bounds():
 
 def test_one_process_object_api_resumes_from_the_local_tier_and_ls_shows_it(
         tmp_path, capsys):
-    grain = pytest.importorskip("grain")
-    import jax.numpy as jnp
-    import numpy as np
-
-    import dcheckpoint
-    from dcheckpoint._cli import main
 
     def job():
         step = dcheckpoint.Variable(jnp.int32(0))
