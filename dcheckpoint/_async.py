@@ -28,6 +28,7 @@ from ._comm import default_communicator, submit, track_save
 from ._engine import plan_save, save_failed_here, snapshot, write_and_commit
 from ._log import log_save
 from ._options import CheckpointOptions, run_write_callbacks
+from ._storage import open_storage
 
 __all__ = ["Saver"]
 
@@ -95,7 +96,10 @@ class Saver:
             return future.result()
         with _LOCK:
             _UNCOLLECTED[id(future)] = future
-        track_save(directory, future)  # a read of it waits (read_metadata)
+        try:  # a read of it waits (read_metadata), by the location's normalised path
+            track_save(open_storage(directory).path, future)
+        except ValueError:
+            pass  # not a location at all: the save itself fails and reports it
         self._pending = future
         return directory
 

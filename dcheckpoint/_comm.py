@@ -35,7 +35,6 @@ from __future__ import annotations
 import abc
 import itertools
 import json
-import os
 import struct
 import threading
 import time
@@ -665,19 +664,15 @@ def _on_executor(fn: Callable[[], Any]) -> Callable[[], Any]:
     return run
 
 
-# Async saves in flight by directory, so a read of one waits for it (wait_for_save_of).
+# Async saves in flight by location (a storage's normalised ``path``), so a read of one
+# waits for it (wait_for_save_of).
 _SAVES_IN_FLIGHT: dict[str, Future] = {}
 _SAVES_LOCK = threading.Lock()
 
 
-def _save_key(directory) -> str:
-    directory = os.fspath(directory).rstrip("/")
-    return directory if "://" in directory else os.path.abspath(directory)
-
-
-def track_save(directory, future: Future) -> None:
-    """Records ``future`` as this process's save of ``directory`` until it is done."""
-    key = _save_key(directory)
+def track_save(location: str, future: Future) -> None:
+    """Records ``future`` as this process's save of ``location`` until it is done."""
+    key = location
     with _SAVES_LOCK:
         _SAVES_IN_FLIGHT[key] = future
 
@@ -689,14 +684,14 @@ def track_save(directory, future: Future) -> None:
     future.add_done_callback(done)
 
 
-def wait_for_save_of(directory) -> Future | None:
-    """Waits for this process's async save of ``directory``, if one is in flight, and
+def wait_for_save_of(location: str) -> Future | None:
+    """Waits for this process's async save of ``location``, if one is in flight, and
     returns it (done). Its error stays with its saver too (``sync()`` raises it). Never
     on the collectives thread, where that save itself runs."""
     if getattr(_ON_EXECUTOR, "active", False):
         return None
     with _SAVES_LOCK:
-        future = _SAVES_IN_FLIGHT.get(_save_key(directory))
+        future = _SAVES_IN_FLIGHT.get(location)
     if future is not None:
         wait([future])
     return future

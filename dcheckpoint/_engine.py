@@ -544,7 +544,7 @@ def read_metadata(directory: str) -> CheckpointMetadata:
       CorruptCheckpointError: the metadata file is damaged or malformed.
     """
     storage = open_storage(directory)
-    saving = None if storage.exists(METADATA_FILE) else wait_for_save_of(directory)
+    saving = None if storage.exists(METADATA_FILE) else wait_for_save_of(storage.path)
     if not storage.exists(METADATA_FILE):
         if saving is not None and saving.exception() is not None:
             raise CheckpointNotFoundError(
