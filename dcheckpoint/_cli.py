@@ -73,10 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _path_arg(path: str) -> str:
-    """A command's path argument, absolute: the state file records absolute paths, and
-    ``runs/x`` or ``.`` must name the same checkpoints as ``/home/me/runs/x``."""
-    path = path.rstrip("/") or "/"
-    return path if is_url(path) else os.path.abspath(path)
+    """A command's path argument as its storage names it (a local path absolute): the
+    state file records absolute paths, and ``runs/x`` or ``.`` must name the same
+    checkpoints as ``/home/me/runs/x``."""
+    return open_storage(path).path
 
 
 def _parser() -> argparse.ArgumentParser:
